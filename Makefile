@@ -1,0 +1,33 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision are pinned to the builds this machine class ships (pip takes them from local disk).
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/carlos-ray: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/carlos-ray
+
+demo: setup
+	$(BIN)/carlos-ray demo --workdir demo_out
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	mkdir -p bench_results
+	$(BIN)/python benchmarks/bench_consistency.py --out bench_results/consistency.json
+	$(BIN)/python benchmarks/bench_query.py --out bench_results/query.json
+	$(BIN)/python benchmarks/bench_rank.py --out bench_results/rank.json
+	$(BIN)/python benchmarks/bench_index.py --out bench_results/index.json
+	$(BIN)/python benchmarks/bench_serve.py --out bench_results/serve.json
+
+clean:
+	rm -rf demo_out bench_results .pytest_cache

@@ -1,0 +1,242 @@
+"""The diffusion generator: a diffusers StableDiffusionXLPipeline with a LoRA adapter cache.
+
+`tiny` builds a real SDXL pipeline from `configs/tiny_sdxl.json` with seeded random weights and the
+offline CLIP tokenizer; anything else is loaded with `from_pretrained` (hub id or local directory,
+safetensors only). Images come back resized to the encoder's input size as uint8, so only small
+arrays leave the generation actor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from carlos_ray.config import GeneratorSpec
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model_config(name: str) -> dict:
+    return json.loads((resources.files("carlos_ray.models") / "configs" / name).read_text())
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """A real StableDiffusionXLPipeline at tiny size, seeded random weights, no download."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from carlos_ray.models.tokenizer import build_clip_tokenizer
+
+    cfg = load_model_config("tiny_sdxl.json")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**cfg["vae"])
+    te_cfg = CLIPTextConfig(**cfg["text_encoder"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(te_cfg)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(te_cfg)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_clip_tokenizer(pad_token="<|endoftext|>"),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pretrained_sdxl_pipeline(spec: GeneratorSpec):
+    """SDXL from a hub id or a local directory (safetensors weights only)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    src = spec.model
+    if Path(src).expanduser().exists():
+        src = str(Path(src).expanduser())
+        if not Path(src, "model_index.json").is_file():
+            raise FileNotFoundError(f"{spec.model} is a directory but has no model_index.json (expected a save_pretrained pipeline)")
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        src, torch_dtype=TORCH_DTYPES[spec.dtype], use_safetensors=True, variant=spec.variant
+    )
+    if spec.vae_dtype != spec.dtype:
+        pipe.vae = pipe.vae.to(TORCH_DTYPES[spec.vae_dtype])
+        if spec.vae_dtype == "float32":
+            # keep VAE in fp32 even though the pipeline may upcast/downcast it at decode time
+            pipe.vae.config.force_upcast = True
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class SDXLGenerator:
+    """Generates (prompt, seed) images with or without a LoRA; images depend only on their own inputs."""
+
+    def __init__(self, spec: GeneratorSpec, output_size: int):
+        self.spec = spec
+        self.output_size = int(output_size)
+        self.device = torch.device(spec.device)
+        if spec.model == "tiny":
+            pipe = build_tiny_sdxl_pipeline(spec.seed)
+            pipe.to(dtype=TORCH_DTYPES[spec.dtype])
+            pipe.vae.to(TORCH_DTYPES[spec.vae_dtype])
+        else:
+            pipe = load_pretrained_sdxl_pipeline(spec)
+        self.pipe = pipe.to(self.device)
+        self._adapters: OrderedDict[str, None] = OrderedDict()
+        self._active: str | None = None
+        self._hotswap_ready = False
+        if spec.lora_hotswap:
+            self.pipe.enable_lora_hotswap(target_rank=spec.hotswap_max_rank)
+        if spec.compile_unet:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+        self.images_generated = 0
+
+    # ---- LoRA handling -------------------------------------------------------------------------
+    def lora_targets(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Module name -> (out, in) per component, for the LoRA compatibility check."""
+        from carlos_ray.lora.inspect import targets_from_modules
+
+        return {
+            "unet": targets_from_modules(self.pipe.unet.named_modules()),
+            "text_encoder": targets_from_modules(self.pipe.text_encoder.named_modules()),
+            "text_encoder_2": targets_from_modules(self.pipe.text_encoder_2.named_modules()),
+        }
+
+    def _read_lora(self, path: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"LoRA {path} is not a .safetensors file; pickled formats are never loaded")
+        return load_file(str(path), device="cpu")
+
+    def activate(self, name: str | None, path: str | None = None) -> None:
+        """Make adapter `name` (loaded from `path` on first use) the only active one; None = base model."""
+        if name is None:
+            if self._adapters:
+                self.pipe.disable_lora()
+            self._active = None
+            return
+        name = "lora_" + re.sub(r"\W", "_", name)  # peft adapter names cannot hold dots
+        if self.spec.lora_hotswap:
+            self._activate_hotswap(name, path)
+            return
+        if name not in self._adapters:
+            if path is None:
+                raise KeyError(f"adapter {name!r} is not loaded and no path was given")
+            self.pipe.load_lora_weights(self._read_lora(path), adapter_name=name)
+            self._adapters[name] = None
+            while len(self._adapters) > self.spec.adapter_cache_size:
+                old, _ = self._adapters.popitem(last=False)
+                self.pipe.delete_adapters(old)
+                logger.debug("evicted adapter %s", old)
+        self._adapters.move_to_end(name)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([name], adapter_weights=[self.spec.lora_scale])
+        self._active = name
+
+    def _activate_hotswap(self, name: str, path: str | None) -> None:
+        if self._active == name:
+            self.pipe.enable_lora()
+            return
+        if path is None:
+            raise KeyError(f"adapter {name!r} is not loaded and no path was given")
+        state = self._read_lora(path)
+        self.pipe.load_lora_weights(state, adapter_name="slot", hotswap=self._hotswap_ready)
+        self._hotswap_ready = True
+        self._adapters = OrderedDict(slot=None)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(["slot"], adapter_weights=[self.spec.lora_scale])
+        self._active = name
+
+    def unload_all(self) -> None:
+        self.pipe.unload_lora_weights()
+        self._adapters.clear()
+        self._active = None
+        self._hotswap_ready = False
+
+    # ---- generation ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, S, S, 3) uint8 at the output size and a (B,) mask of finite samples.
+
+        Every call to the pipeline has exactly `micro_batch` samples (the last padded by repeating),
+        and each sample has its own `torch.Generator`, so an image never depends on its batch-mates.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        mb = self.spec.micro_batch
+        out = np.zeros((len(prompts), self.output_size, self.output_size, 3), np.uint8)
+        finite = np.ones(len(prompts), bool)
+        for start in range(0, len(prompts), mb):
+            p = list(prompts[start : start + mb])
+            s = list(seeds[start : start + mb])
+            real = len(p)
+            p += [p[-1]] * (mb - real)
+            s += [s[-1]] * (mb - real)
+            gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in s]
+            res = self.pipe(
+                prompt=p,
+                negative_prompt=[self.spec.negative_prompt] * mb,
+                num_inference_steps=self.spec.steps,
+                guidance_scale=self.spec.guidance_scale,
+                height=self.spec.resolution,
+                width=self.spec.resolution,
+                generator=gens,
+                output_type="pt",
+            ).images[:real]
+            imgs = res.float()
+            ok = torch.isfinite(imgs).flatten(1).all(dim=1)
+            imgs = torch.nan_to_num(imgs, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+            if imgs.shape[-1] != self.output_size:
+                imgs = torch.nn.functional.interpolate(
+                    imgs, size=(self.output_size, self.output_size), mode="bicubic", antialias=True, align_corners=False
+                ).clamp(0, 1)
+            arr = (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            out[start : start + real] = arr
+            finite[start : start + real] = ok.cpu().numpy()
+            self.images_generated += real
+        return out, finite
+
+
+def generator_registry() -> Mapping[str, type]:
+    return {"sdxl": SDXLGenerator}
+
+
+def generator_lora_targets(spec: GeneratorSpec) -> dict[str, dict[str, tuple[int, int]]]:
+    """LoRA-able module shapes of a generator, built on the meta device: no weights are loaded or allocated."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from carlos_ray.lora.inspect import targets_from_modules
+
+    if spec.model == "tiny":
+        cfg = load_model_config("tiny_sdxl.json")
+        unet_cfg, te_cfg, te2_cfg = cfg["unet"], CLIPTextConfig(**cfg["text_encoder"]), CLIPTextConfig(**cfg["text_encoder"])
+    else:
+        src = str(Path(spec.model).expanduser()) if Path(spec.model).expanduser().exists() else spec.model
+        unet_cfg = UNet2DConditionModel.load_config(src, subfolder="unet")
+        te_cfg = CLIPTextConfig.from_pretrained(src, subfolder="text_encoder")
+        te2_cfg = CLIPTextConfig.from_pretrained(src, subfolder="text_encoder_2")
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        te1 = CLIPTextModel(te_cfg)
+        te2 = CLIPTextModelWithProjection(te2_cfg)
+    return {
+        "unet": targets_from_modules(unet.named_modules()),
+        "text_encoder": targets_from_modules(te1.named_modules()),
+        "text_encoder_2": targets_from_modules(te2.named_modules()),
+    }
