@@ -107,6 +107,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_REJECTED
 
 
+# ---- index -------------------------------------------------------------------------------------
+def cmd_index(args: argparse.Namespace) -> int:
+    from carlos_ray.config import Config
+    from carlos_ray.indexing import run_index
+
+    cfg = Config.from_file(args.config)
+    for src in args.loras:
+        if not Path(src).exists():
+            raise UsageError(f"LoRA source not found: {src}")
+    s = run_index(cfg, args.loras, args.index, address=args.address, max_loras=args.max_loras)
+    if s.rejects:
+        print("\nrejected:")
+        print(_table([{"file": Path(r["path"] or "?").name, "code": r["code"], "reason": r["reason"][:120]}
+                      for r in s.rejects], ["file", "code", "reason"]))
+    print(f"\nindexed {s.indexed}, skipped {s.skipped} (already indexed), rejected {s.rejected}, "
+          f"duplicates {s.duplicates}, images generated {s.images_generated}, wall time {s.wall_seconds:.1f} s")
+    print(f"index: {args.index}")
+    return EXIT_OK
+
+
 # ---- demo --------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from carlos_ray.demo import run_demo
@@ -139,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", default="conf/tiny.yaml", help="config whose generator the LoRAs must fit")
     i.add_argument("--no-compat", action="store_true", help="skip the compatibility check against the generator")
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("index", help="index LoRAs (directories, files or manifests) into an index directory, on Ray")
+    x.add_argument("--config", default="conf/tiny.yaml")
+    x.add_argument("--loras", nargs="+", required=True, help="directories, .safetensors files, or CSV/JSONL/Parquet manifests")
+    x.add_argument("--index", required=True, help="index directory or URI")
+    x.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    x.add_argument("--max-loras", type=int, default=None, help="index at most this many new LoRAs, then stop")
+    x.set_defaults(func=cmd_index)
 
     d = sub.add_parser("demo", help="the whole mission on the embedded tiny default, no network")
     d.add_argument("--workdir", default="demo_out", help="where the zoo, index and report are written")

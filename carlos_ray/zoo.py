@@ -109,7 +109,7 @@ def write_lora(path: Path, w: Weights, fmt: str, *, alpha: float | None = None, 
 
 def write_sidecar(path: Path, name: str, description: str, trigger_words: list[str]) -> None:
     info = {"model": {"name": name, "description": f"<p>{description}</p>"}, "trainedWords": trigger_words}
-    path.with_suffix("").with_suffix(".civitai.info").write_text(json.dumps(info, indent=1))
+    (path.parent / (path.name[: -len(".safetensors")] + ".civitai.info")).write_text(json.dumps(info, indent=1))
 
 
 def make_zoo(directory: str | Path, n: int = 12, seed: int = 0) -> list[dict]:

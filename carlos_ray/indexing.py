@@ -1,0 +1,623 @@
+"""Indexing a LoRA zoo on Ray Data.
+
+    sources ─▶ inspect (header, hash, compatibility) ─▶ rejects
+    rows (lora_id, prompt, seed), LoRA-major
+      ─▶ GenerateImages actor pool (pipeline built once, adapter cache, trigger words)
+      ─▶ EmbedDiff actor pool (CLIP image tower, base embeddings, diffs, map-side PartialStats)
+      ─▶ driver: merge partials per LoRA ─▶ finalize ─▶ atomic commit to the index
+
+The base pass (x0 for every prompt and seed) runs once per base key and is cached in the index. A
+LoRA is committed only when all its samples are in, so a killed job loses at most the LoRAs in
+flight and a re-run skips everything already indexed under the same configuration hash.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from carlos_ray.config import Config, resolve_path
+from carlos_ray.prompts import PromptSet, load_prompt_set
+from carlos_ray.signatures import PartialStats, Signature
+from carlos_ray.store import Index, now_iso, png_bytes, rejects_table
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+THUMBS_PER_LORA = 8
+
+
+@dataclass
+class LoraJob:
+    """A LoRA that passed inspection and waits to be indexed."""
+
+    lora_id: str
+    path: str
+    sha256: str
+    format: str
+    rank: int
+    name: str
+    description: str = ""
+    trigger_words: list[str] = field(default_factory=list)
+    source_url: str | None = None
+    civitai_model_id: int | None = None
+    civitai_version_id: int | None = None
+    download_count: int | None = None
+
+
+@dataclass
+class IndexSummary:
+    indexed: int = 0
+    skipped: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    images_generated: int = 0
+    base_cached: bool = False
+    wall_seconds: float = 0.0
+    index: str = ""
+    rejects: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- sources ---------------------------------------------------------------------------------------
+def _manifest_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"manifest {path} must be .csv, .jsonl, .json or .parquet")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not r.get("path"):
+            raise ValueError(f"manifest {path}: row {i + 1} has no `path`")
+    return rows
+
+
+def _words(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [w.strip() for w in value.replace(";", ",").split(",") if w.strip()]
+    return [str(w).strip() for w in value if str(w).strip()]
+
+
+def collect_sources(
+    sources: Iterable[str | os.PathLike], targets: dict | None, allowed_roots: list[str] | None = None
+) -> tuple[list[LoraJob], list[dict], int]:
+    """Inspect every LoRA named by the sources (directories, files, manifests): (jobs, rejects, duplicates)."""
+    from carlos_ray.lora import LoraRejected, check_compatible, discover_loras, inspect_lora, read_sidecar
+
+    candidates: list[tuple[Path, dict, list[str] | None]] = []
+    rejects: list[dict] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_dir():
+            for item in discover_loras(p):
+                if isinstance(item, LoraRejected):
+                    rejects.append({"path": str(item.path), "sha256": None, "code": item.code, "reason": item.reason})
+                else:
+                    candidates.append((item, {}, allowed_roots))
+        elif p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
+            roots = allowed_roots or [str(p.resolve().parent)]
+            for row in _manifest_rows(p):
+                rp = Path(row["path"]).expanduser()
+                candidates.append((rp if rp.is_absolute() else p.parent / rp, row, roots))
+        elif p.is_file() or p.suffix == ".safetensors":
+            candidates.append((p, {}, allowed_roots))
+        else:
+            raise FileNotFoundError(f"LoRA source {src} is neither a directory, a .safetensors file nor a manifest")
+
+    jobs: dict[str, LoraJob] = {}
+    duplicates = 0
+    for path, row, roots in candidates:
+        try:
+            info = inspect_lora(path, allowed_roots=roots)
+            if targets is not None:
+                check_compatible(info, targets)
+        except LoraRejected as e:
+            rejects.append({"path": str(path), "sha256": None, "code": e.code, "reason": e.reason})
+            continue
+        lora_id = info.sha256[:16]
+        if lora_id in jobs:
+            duplicates += 1
+            logger.info("%s is a duplicate of %s (same SHA-256): indexed once", path, jobs[lora_id].path)
+            continue
+        side = read_sidecar(info.path, metadata=info.metadata)
+        extra = side.extra or {}
+        jobs[lora_id] = LoraJob(
+            lora_id=lora_id,
+            path=str(info.path),
+            sha256=info.sha256,
+            format=info.format,
+            rank=int(info.rank),
+            name=str(row.get("name") or side.name or Path(path).stem),
+            description=str(row.get("description") or side.description or ""),
+            trigger_words=_words(row.get("trigger_words")) or list(side.trigger_words),
+            source_url=row.get("source_url") or side.source_url,
+            civitai_model_id=_int_or_none(extra.get("civitai_model_id", extra.get("modelId"))),
+            civitai_version_id=_int_or_none(extra.get("civitai_version_id", extra.get("id"))),
+            download_count=_int_or_none(extra.get("download_count")),
+        )
+    return list(jobs.values()), rejects, duplicates
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return None if v is None else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def lora_prompt(text: str, job: LoraJob | None, cfg: Config) -> str:
+    """The LoRA prompt: the base prompt plus the LoRA's trigger words when the policy says so."""
+    if job is None or cfg.sampling.trigger_words == "ignore" or not job.trigger_words:
+        return text
+    return text + cfg.sampling.trigger_joiner + ", ".join(job.trigger_words)
+
+
+# ---- Ray Data stages -----------------------------------------------------------------------------
+def _setup_worker(torch_threads: int | None) -> None:
+    import torch
+
+    from carlos_ray.cli import _quiet_libraries
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    _quiet_libraries()
+
+
+class GenerateImages:
+    """Ray Data stage: (lora_id, lora_path, prompt, seed) rows -> images at encoder size (uint8)."""
+
+    REQUIRED = ("lora_id", "lora_path", "prompt", "seed")
+
+    def __init__(self, generator_spec: dict, output_size: int, torch_threads: int | None = None):
+        from carlos_ray.config import GeneratorSpec
+        from carlos_ray.models import create_generator
+
+        _setup_worker(torch_threads)
+        self.gen = create_generator(GeneratorSpec(**generator_spec), output_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [c for c in self.REQUIRED if c not in batch]
+        if missing:
+            raise ValueError(f"GenerateImages needs columns {self.REQUIRED}; missing {missing}")
+        n = len(batch["seed"])
+        size = self.gen.output_size
+        images = np.zeros((n, size, size, 3), np.uint8)
+        finite = np.zeros(n, bool)
+        errors = np.array([""] * n, dtype=object)
+        ids = [str(x) for x in batch["lora_id"]]
+        start = 0
+        while start < n:  # consecutive runs of one LoRA (rows are LoRA-major)
+            end = start
+            while end < n and ids[end] == ids[start]:
+                end += 1
+            lid = ids[start]
+            try:
+                self.gen.activate(lid or None, str(batch["lora_path"][start]) or None)
+                imgs, ok = self.gen.generate([str(p) for p in batch["prompt"][start:end]], [int(s) for s in batch["seed"][start:end]])
+                images[start:end], finite[start:end] = imgs, ok
+            except Exception as e:  # a file that passed inspection but fails to load: reject that LoRA only
+                logger.warning("generation failed for LoRA %s: %s", lid, e)
+                errors[start:end] = f"{type(e).__name__}: {e}"[:500]
+            start = end
+        out = {k: v for k, v in batch.items() if k not in ("prompt", "lora_path")}
+        out.update(image=images, finite=finite, error=errors)
+        return out
+
+
+class EmbedDiff:
+    """Ray Data stage: images -> CLIP embeddings -> diffs against the base -> one PartialStats row per LoRA in the batch.
+
+    With `base=None` it is the base pass: it returns the raw embeddings per row instead."""
+
+    REQUIRED = ("lora_id", "prompt_idx", "seed_idx", "image", "finite", "error")
+
+    def __init__(self, encoder_spec: dict, n_prompts: int, base: np.ndarray | None, keep_diffs: bool = False,
+                 keep_thumbnails: bool = False, thumbnail_size: int = 32, torch_threads: int | None = None):
+        from carlos_ray.config import EncoderSpec
+        from carlos_ray.models import create_encoder
+
+        _setup_worker(torch_threads)
+        self.enc = create_encoder(EncoderSpec(**encoder_spec))
+        self.n_prompts = n_prompts
+        self.base = base  # (n_prompts, n_seeds, d) float32
+        self.keep_diffs = keep_diffs
+        self.keep_thumbnails = keep_thumbnails
+        self.thumbnail_size = thumbnail_size
+
+    def _thumb(self, img: np.ndarray) -> bytes:
+        from PIL import Image
+
+        im = Image.fromarray(img)
+        if im.size[0] != self.thumbnail_size:
+            im = im.resize((self.thumbnail_size, self.thumbnail_size), Image.BICUBIC)
+        return png_bytes(np.asarray(im))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        missing = [c for c in self.REQUIRED if c not in batch]
+        if missing:
+            raise ValueError(f"EmbedDiff needs columns {self.REQUIRED}; missing {missing}")
+        ok = np.asarray(batch["finite"], bool) & (np.asarray([e == "" for e in batch["error"]]))
+        emb = np.full((len(ok), self.enc.embed_dim), np.nan, np.float32)
+        if ok.any():
+            emb[ok] = self.enc.encode_images(np.ascontiguousarray(batch["image"][ok]))
+        ok &= np.isfinite(emb).all(axis=1)
+        pidx = np.asarray(batch["prompt_idx"], np.int64)
+        sidx = np.asarray(batch["seed_idx"], np.int64)
+        if self.base is None:
+            rows = [{"prompt_idx": int(pidx[i]), "seed_idx": int(sidx[i]), "finite": bool(ok[i]),
+                     "embedding": emb[i].tolist(),
+                     "thumb": self._thumb(batch["image"][i]) if self.keep_thumbnails and sidx[i] == 0 else None}
+                    for i in range(len(ok))]
+            return pa.Table.from_pylist(rows)
+        rows = []
+        ids = np.asarray([str(x) for x in batch["lora_id"]])
+        for lid in dict.fromkeys(ids.tolist()):
+            sel = ids == lid
+            good = sel & ok
+            diffs = emb[good] - self.base[pidx[good], sidx[good]]
+            part = PartialStats.from_diffs(diffs, pidx[good], self.n_prompts) if good.any() else PartialStats.empty(
+                self.enc.embed_dim, self.n_prompts)
+            errs = [e for e in batch["error"][sel] if e]
+            row = {"lora_id": lid, "n_rows": int(sel.sum()), "n_nonfinite": int((sel & ~ok).sum()) - (int(sel.sum()) if errs else 0),
+                   "error": errs[0] if errs else "", **part.to_row()}
+            if self.keep_diffs:
+                row["diff_prompt_idx"] = pidx[good].tolist()
+                row["diff_seed_idx"] = sidx[good].tolist()
+                row["diffs"] = diffs.astype(np.float16).ravel().tolist()
+            if self.keep_thumbnails:
+                t = np.flatnonzero(good & (sidx == 0))[:THUMBS_PER_LORA]
+                row["thumb_prompt_idx"] = pidx[t].tolist()
+                row["thumbs"] = [self._thumb(batch["image"][i]) for i in t]
+            rows.append(row)
+        return pa.Table.from_pylist(rows)
+
+
+# ---- orchestration -------------------------------------------------------------------------------
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _data_context(cfg: Config):
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    ctx.enable_progress_bars = logger.isEnabledFor(logging.INFO)
+    return ctx
+
+
+def _stage_kwargs(stage, cfg: Config) -> dict:
+    import ray.data
+
+    return dict(
+        compute=ray.data.ActorPoolStrategy(size=stage.actors),
+        batch_size=stage.batch_size,
+        num_gpus=stage.num_gpus or None,
+        num_cpus=stage.num_cpus,
+        max_restarts=cfg.resources.max_restarts,
+        max_task_retries=cfg.resources.max_task_retries,
+    )
+
+
+class IndexPlan:
+    """Everything derived from a config before any model runs: prompts, seeds, hashes, image size."""
+
+    def __init__(self, cfg: Config):
+        from carlos_ray.models import encoder_image_size
+
+        self.cfg = cfg
+        self.prompts: PromptSet = load_prompt_set(resolve_path(cfg.sampling.prompts), cfg.sampling.prompt_subset)
+        self.seeds = cfg.sampling.seeds
+        self.prompt_hash = self.prompts.content_hash()
+        self.config_hash = cfg.config_hash(self.prompt_hash)
+        self.base_key = cfg.base_key(self.prompt_hash)
+        self.image_size = encoder_image_size(cfg.encoder)
+        self.categories = list(self.prompts.category_of_index)
+
+    @property
+    def samples_per_lora(self) -> int:
+        return len(self.prompts) * len(self.seeds)
+
+    def rows(self, jobs: list[LoraJob | None]) -> list[dict]:
+        """LoRA-major rows; `None` is the base model."""
+        out = []
+        for job in jobs:
+            for pi, prompt in enumerate(self.prompts.prompts):
+                for si, seed in enumerate(self.seeds):
+                    out.append({"lora_id": job.lora_id if job else "", "lora_path": job.path if job else "",
+                                "prompt": lora_prompt(prompt.text, job, self.cfg), "prompt_idx": pi,
+                                "seed_idx": si, "seed": seed})
+        return out
+
+    def manifest_fields(self) -> dict:
+        c = self.cfg
+        return {
+            "config_hash": self.config_hash,
+            "base_key": self.base_key,
+            "config_name": c.name,
+            "generator": c.generator.model_dump(),
+            "encoder": c.encoder.model_dump(),
+            "sampling": c.sampling.model_dump(),
+            "query": c.query.model_dump(),
+            "prompt_set": {"name": self.prompts.name, "hash": self.prompt_hash, "ids": list(self.prompts.ids),
+                           "categories": self.categories},
+            "seeds": self.seeds,
+        }
+
+
+def signature_row(job: LoraJob, sig: Signature, plan: IndexPlan) -> dict:
+    return {
+        "lora_id": job.lora_id, "name": job.name, "description": job.description, "trigger_words": job.trigger_words,
+        "source_path": job.path, "source_url": job.source_url, "sha256": job.sha256, "format": job.format,
+        "rank": job.rank, "direction": sig.direction.tolist(), "strength": float(sig.strength),
+        "consistency": float(sig.consistency), "n": int(sig.n), "strength_std": float(sig.strength_std),
+        "category_names": list(sig.category_names), "category_strength": [float(x) for x in sig.category_strength],
+        "category_within": [float(x) for x in sig.category_within], "config_hash": plan.config_hash,
+        "civitai_model_id": job.civitai_model_id, "civitai_version_id": job.civitai_version_id,
+        "download_count": job.download_count, "indexed_at": now_iso(),
+    }
+
+
+def signatures_table(rows: list[dict]) -> pa.Table:
+    from carlos_ray.schema import SIGNATURE_SCHEMA, conform_signatures
+
+    return conform_signatures(pa.Table.from_pylist(rows, schema=SIGNATURE_SCHEMA))
+
+
+def run_base_pass(plan: IndexPlan, index: Index) -> np.ndarray:
+    """Base embeddings (n_prompts, n_seeds, d), from the index cache or computed on Ray Data and cached."""
+    import ray.data
+
+    snap = index.snapshot()
+    cached = snap.base(plan.base_key)
+    if cached is not None:
+        logger.info("base images: cached (%d samples)", cached.num_rows)
+        return _base_array(cached, plan)
+    cfg = plan.cfg
+    logger.info("base pass: %d prompts x %d seeds", len(plan.prompts), len(plan.seeds))
+    _data_context(cfg)
+    ds = ray.data.from_items(plan.rows([None]))
+    ds = ds.map_batches(GenerateImages, fn_constructor_kwargs=dict(
+        generator_spec=cfg.generator.model_dump(), output_size=plan.image_size,
+        torch_threads=cfg.resources.generate.torch_threads), **_stage_kwargs(cfg.resources.generate, cfg))
+    ds = ds.map_batches(EmbedDiff, fn_constructor_kwargs=dict(
+        encoder_spec=cfg.encoder.model_dump(), n_prompts=len(plan.prompts), base=None,
+        keep_thumbnails=cfg.indexing.keep_thumbnails, thumbnail_size=cfg.indexing.thumbnail_size,
+        torch_threads=cfg.resources.embed.torch_threads), batch_format="numpy", **_stage_kwargs(cfg.resources.embed, cfg))
+    table = ds.to_arrow_refs()
+    import ray as _ray
+
+    table = pa.concat_tables(_ray.get(table)).sort_by([("prompt_idx", "ascending"), ("seed_idx", "ascending")])
+    if not all(table.column("finite").to_pylist()):
+        bad = table.filter(pa.compute.invert(table.column("finite"))).num_rows
+        raise RuntimeError(f"the base model produced {bad} non-finite images or embeddings; fix the generator settings "
+                           "(e.g. keep the VAE in float32) before indexing")
+    index.commit(base=(plan.base_key, table))
+    return _base_array(table, plan)
+
+
+def _base_array(table: pa.Table, plan: IndexPlan) -> np.ndarray:
+    n_p, n_s = len(plan.prompts), len(plan.seeds)
+    if table.num_rows != n_p * n_s:
+        raise RuntimeError(f"base cache has {table.num_rows} rows, expected {n_p * n_s}")
+    emb = np.asarray(table.column("embedding").to_pylist(), np.float32)
+    out = np.zeros((n_p, n_s, emb.shape[1]), np.float32)
+    out[np.asarray(table.column("prompt_idx")), np.asarray(table.column("seed_idx"))] = emb
+    return out
+
+
+def run_index(
+    cfg: Config,
+    sources: list[str],
+    index_uri: str,
+    *,
+    address: str | None = None,
+    commit_every: int = 1,
+    max_loras: int | None = None,
+    on_lora: Callable[[dict], None] | None = None,
+) -> IndexSummary:
+    """Index every LoRA in `sources` into `index_uri`; resumable and exactly-once."""
+    import ray.data
+
+    from carlos_ray.models.generator import generator_lora_targets
+
+    t0 = time.time()
+    plan = IndexPlan(cfg)
+    summary = IndexSummary(index=str(index_uri))
+    index = Index(index_uri)
+    with index:
+        index.init(plan.manifest_fields())
+        jobs, rejects, summary.duplicates = collect_sources(sources, generator_lora_targets(cfg.generator))
+        done = index.snapshot().indexed_ids()
+        todo = [j for j in jobs if j.lora_id not in done]
+        summary.skipped = len(jobs) - len(todo)
+        if max_loras is not None:
+            todo = todo[:max_loras]
+        known_rejects = set(index.snapshot().rejects().column("path").to_pylist())
+        new_rejects = [r for r in rejects if r["path"] not in known_rejects]
+        summary.rejects = list(rejects)
+        if new_rejects:
+            index.commit({"rejects": rejects_table(new_rejects, plan.config_hash)})
+        logger.info("%d LoRAs usable (%d already indexed, %d duplicates), %d rejected",
+                    len(jobs), summary.skipped, summary.duplicates, len(rejects))
+        ensure_ray(address)
+        had_base = index.snapshot().base(plan.base_key) is not None
+        base = run_base_pass(plan, index) if todo or not had_base else None
+        summary.base_cached = had_base
+        if not had_base:
+            summary.images_generated += plan.samples_per_lora
+        if todo:
+            _run_lora_pass(plan, index, todo, base, summary, commit_every, on_lora)
+        index.commit(fields={"thresholds": _thresholds(cfg, index), **plan.manifest_fields()})
+    summary.rejected = len(summary.rejects)
+    summary.wall_seconds = time.time() - t0
+    return summary
+
+
+def _thresholds(cfg: Config, index: Index) -> dict:
+    """Manifest default filters: the config's (paper: 9.8 / 0.041), else calibrated from the index's own distribution."""
+    if cfg.indexing.max_strength is not None or cfg.indexing.min_consistency is not None:
+        return {"max_strength": cfg.indexing.max_strength, "min_consistency": cfg.indexing.min_consistency, "source": "config"}
+    sig = index.snapshot().signatures()
+    if sig is None or sig.num_rows < 2:
+        return {"max_strength": None, "min_consistency": None, "source": "none"}
+    from carlos_ray.ranker import calibrate_thresholds
+
+    return calibrate_thresholds(np.asarray(sig.column("strength")), np.asarray(sig.column("consistency")))
+
+
+def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.ndarray, summary: IndexSummary,
+                   commit_every: int, on_lora: Callable[[dict], None] | None) -> None:
+    import ray.data
+
+    cfg = plan.cfg
+    _data_context(cfg)
+    n_lora = plan.samples_per_lora
+    rows = plan.rows(todo)
+    blocks = max(1, len(rows) // (cfg.indexing.lora_block_rows or n_lora))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(GenerateImages, fn_constructor_kwargs=dict(
+        generator_spec=cfg.generator.model_dump(), output_size=plan.image_size,
+        torch_threads=cfg.resources.generate.torch_threads), **_stage_kwargs(cfg.resources.generate, cfg))
+    ds = ds.map_batches(EmbedDiff, fn_constructor_kwargs=dict(
+        encoder_spec=cfg.encoder.model_dump(), n_prompts=len(plan.prompts), base=base,
+        keep_diffs=cfg.indexing.keep_diffs, keep_thumbnails=cfg.indexing.keep_thumbnails,
+        thumbnail_size=cfg.indexing.thumbnail_size, torch_threads=cfg.resources.embed.torch_threads),
+        batch_format="numpy", **_stage_kwargs(cfg.resources.embed, cfg))
+
+    by_id = {j.lora_id: j for j in todo}
+    acc: dict[str, PartialStats] = {}
+    seen: dict[str, int] = defaultdict(int)
+    nonfinite: dict[str, int] = defaultdict(int)
+    errors: dict[str, str] = {}
+    extra: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    pending: dict[str, list] = {"signatures": [], "rejects": [], "diffs": [], "thumbs": []}
+
+    def flush() -> None:
+        if not any(pending.values()):
+            return
+        tables = {
+            "signatures": signatures_table(pending["signatures"]) if pending["signatures"] else None,
+            "rejects": rejects_table(pending["rejects"], plan.config_hash) if pending["rejects"] else None,
+            "diffs": pa.Table.from_pylist(pending["diffs"]) if pending["diffs"] else None,
+            "thumbs": pa.Table.from_pylist(pending["thumbs"]) if pending["thumbs"] else None,
+        }
+        index.commit(tables)
+        for v in pending.values():
+            v.clear()
+
+    finished = 0
+    for row in ds.iter_rows():
+        lid = row["lora_id"]
+        part = PartialStats.from_row(row)
+        acc[lid] = acc[lid].merge(part) if lid in acc else part
+        seen[lid] += int(row["n_rows"])
+        nonfinite[lid] += int(row["n_nonfinite"])
+        if row["error"]:
+            errors.setdefault(lid, row["error"])
+        for k in ("diff_prompt_idx", "diff_seed_idx", "diffs", "thumb_prompt_idx", "thumbs"):
+            if k in row and row[k] is not None:
+                extra[lid][k].extend(list(row[k]))
+        if seen[lid] < n_lora:
+            continue
+        job = by_id[lid]
+        finished += 1
+        summary.images_generated += n_lora
+        reject = None
+        if lid in errors:
+            reject = ("load_failed", f"the adapter failed to load or run: {errors[lid]}")
+        elif nonfinite[lid] / n_lora > cfg.indexing.max_nonfinite_fraction:
+            reject = ("nonfinite_samples", f"{nonfinite[lid]} of {n_lora} images or embeddings were non-finite "
+                      f"(limit {cfg.indexing.max_nonfinite_fraction:.0%})")
+        elif acc[lid].count < 2:
+            reject = ("too_few_samples", f"only {acc[lid].count} finite samples; a signature needs at least 2")
+        if reject:
+            r = {"path": job.path, "sha256": job.sha256, "code": reject[0], "reason": reject[1]}
+            pending["rejects"].append(r)
+            summary.rejects.append(r)
+            logger.info("[%d/%d] rejected %s: %s", finished, len(todo), job.name, reject[1])
+        else:
+            sig = acc[lid].finalize(plan.categories)
+            pending["signatures"].append(signature_row(job, sig, plan))
+            if cfg.indexing.keep_diffs:
+                d = len(sig.direction)
+                flat = np.asarray(extra[lid]["diffs"], np.float16).reshape(-1, d)
+                for pi, si, vec in zip(extra[lid]["diff_prompt_idx"], extra[lid]["diff_seed_idx"], flat):
+                    pending["diffs"].append({"lora_id": lid, "prompt_idx": pi, "seed_idx": si, "diff": vec.tolist()})
+            if cfg.indexing.keep_thumbnails:
+                for pi, png in zip(extra[lid]["thumb_prompt_idx"], extra[lid]["thumbs"]):
+                    pending["thumbs"].append({"lora_id": lid, "prompt_idx": pi, "png": png})
+            summary.indexed += 1
+            logger.info("[%d/%d] indexed %s  strength=%.4g consistency=%.4g n=%d", finished, len(todo), job.name,
+                        sig.strength, sig.consistency, sig.n)
+            if on_lora:
+                on_lora({"lora_id": lid, "name": job.name, "strength": sig.strength, "consistency": sig.consistency})
+        del acc[lid], extra[lid]
+        if finished % commit_every == 0:
+            flush()
+    flush()
+    incomplete = [by_id[k].name for k in seen if seen[k] < n_lora]
+    if incomplete:
+        raise RuntimeError(f"the pipeline ended with incomplete LoRAs {incomplete}: nothing of them was committed")
+
+
+# ---- in-process reference --------------------------------------------------------------------------
+def signatures_in_process(cfg: Config, jobs: list[LoraJob], batch_size: int | None = None) -> dict[str, Signature]:
+    """The same signatures computed by a plain sequential loop with the same models (tests, benchmarks)."""
+    from carlos_ray.models import create_encoder, create_generator
+
+    plan = IndexPlan(cfg)
+    enc = create_encoder(cfg.encoder)
+    gen = create_generator(cfg.generator, enc.image_size)
+    bs = batch_size or cfg.resources.generate.batch_size
+
+    def embed_rows(rows: list[dict], job: LoraJob | None) -> np.ndarray:
+        gen.activate(job.lora_id if job else None, job.path if job else None)
+        out = []
+        for s in range(0, len(rows), bs):
+            chunk = rows[s : s + bs]
+            imgs, _ = gen.generate([r["prompt"] for r in chunk], [r["seed"] for r in chunk])
+            out.append(enc.encode_images(imgs))
+        return np.concatenate(out)
+
+    base_rows = plan.rows([None])
+    base = embed_rows(base_rows, None)
+    out = {}
+    for job in jobs:
+        rows = plan.rows([job])
+        diffs = embed_rows(rows, job) - base
+        out[job.lora_id] = PartialStats.from_diffs(diffs, np.array([r["prompt_idx"] for r in rows]),
+                                                   len(plan.prompts)).finalize(plan.categories)
+    return out

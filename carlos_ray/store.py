@@ -1,0 +1,322 @@
+"""The index: a directory (local path or any URI pyarrow's filesystems accept) of Parquet parts and a manifest.
+
+Layout::
+
+    INDEX/manifest.json                     the current snapshot: specs, counts, and the list of live parts
+    INDEX/data/signatures/part-*.parquet    one row per indexed LoRA
+    INDEX/data/rejects/part-*.parquet       rejected files (path, sha256, code, reason)
+    INDEX/data/base/<base_key>.parquet      base-image embeddings per (prompt, seed), shared by every LoRA
+    INDEX/data/diffs/part-*.parquet         optional per-sample diffs (float16)
+    INDEX/data/thumbs/part-*.parquet        optional small base/LoRA image pairs (PNG bytes)
+
+Commits are atomic: parts are immutable and written first under fresh names; the manifest naming them
+is then swapped in by a single rename (local) or a single object PUT (object stores). A reader loads
+the manifest once and reads exactly the parts it lists, so it sees the previous or the new index,
+never a partial one. Parts no manifest lists (left by an interrupted commit) are ignored and
+garbage-collected by `compact()`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TABLES = ("signatures", "rejects", "diffs", "thumbs")
+MANIFEST = "manifest.json"
+
+REJECT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("sha256", pa.string()),
+        ("code", pa.string()),
+        ("reason", pa.string()),
+        ("config_hash", pa.string()),
+        ("rejected_at", pa.string()),
+    ]
+)
+
+
+class IndexError_(RuntimeError):
+    """The index is missing, unreadable, locked by another writer, or of another configuration."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, path inside it, is_local)."""
+    if "://" in str(uri):
+        fs, path = pafs.FileSystem.from_uri(str(uri))
+        return fs, path.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(str(uri))), True
+
+
+@dataclass
+class Snapshot:
+    """One consistent view of an index: its manifest and the tables it lists."""
+
+    manifest: dict
+    root: str
+    fs: pafs.FileSystem
+
+    def table(self, name: str) -> pa.Table | None:
+        parts = self.manifest.get("parts", {}).get(name, [])
+        if not parts:
+            return None
+        tables = [pq.read_table(f"{self.root}/{p}", filesystem=self.fs) for p in parts]
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def signatures(self) -> pa.Table | None:
+        return self.table("signatures")
+
+    def rejects(self) -> pa.Table:
+        t = self.table("rejects")
+        return t if t is not None else REJECT_SCHEMA.empty_table()
+
+    def base(self, base_key: str) -> pa.Table | None:
+        rel = self.manifest.get("base", {}).get(base_key)
+        if rel is None:
+            return None
+        return pq.read_table(f"{self.root}/{rel}", filesystem=self.fs)
+
+    def indexed_ids(self) -> set[str]:
+        t = self.signatures()
+        return set() if t is None else set(t.column("lora_id").to_pylist())
+
+
+class Index:
+    """Reader and single writer of an index directory."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri)
+        self.fs, self.root, self.local = _fs_and_path(uri)
+        self._lock_path: str | None = None
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.fs.get_file_info(f"{self.root}/{MANIFEST}").type == pafs.FileType.File
+
+    def read_manifest(self) -> dict:
+        path = f"{self.root}/{MANIFEST}"
+        try:
+            with self.fs.open_input_stream(path) as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            raise IndexError_(f"no index at {self.uri} (no {MANIFEST})") from None
+        except (OSError, ValueError) as e:
+            raise IndexError_(f"index manifest at {self.uri} is unreadable: {e}") from None
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise IndexError_(
+                f"index at {self.uri} has schema version {data.get('schema_version')!r}; this carlos-ray reads {SCHEMA_VERSION}"
+            )
+        return data
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.read_manifest(), self.root, self.fs)
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def acquire_lock(self) -> None:
+        """One writer at a time (local filesystems): a lock file holding host and pid; a dead holder's lock is broken."""
+        if not self.local:
+            return
+        os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, ".writer.lock")
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": now_iso()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                self._lock_path = path
+                return
+            except FileExistsError:
+                try:
+                    holder = json.loads(open(path).read() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                    logger.warning("breaking stale index lock of dead pid %s", holder.get("pid"))
+                    os.unlink(path)
+                    continue
+                raise IndexError_(f"index {self.uri} is being written by {holder or 'another process'}; {path} holds the lock")
+        raise IndexError_(f"could not lock index {self.uri}")
+
+    def release_lock(self) -> None:
+        if self._lock_path and os.path.exists(self._lock_path):
+            os.unlink(self._lock_path)
+        self._lock_path = None
+
+    def __enter__(self) -> "Index":
+        self.acquire_lock()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release_lock()
+
+    def _write_part(self, name: str, table: pa.Table) -> str:
+        rel = f"data/{name}/part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        self.fs.create_dir(f"{self.root}/data/{name}", recursive=True)
+        pq.write_table(table, f"{self.root}/{rel}", filesystem=self.fs, compression="zstd")
+        return rel
+
+    def _write_manifest(self, manifest: dict) -> None:
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+        final = f"{self.root}/{MANIFEST}"
+        if self.local:
+            tmp = f"{self.root}/.{MANIFEST}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)  # atomic on POSIX
+            _fsync_dir(self.root)
+        else:
+            with self.fs.open_output_stream(final) as f:  # a single PUT: atomic on object stores
+                f.write(data)
+
+    def init(self, fields: dict) -> dict:
+        """Create the index if missing, or check that an existing one has the same configuration hash."""
+        self.fs.create_dir(self.root, recursive=True)
+        if self.exists():
+            m = self.read_manifest()
+            if fields.get("config_hash") and m.get("config_hash") not in (None, fields["config_hash"]):
+                raise IndexError_(
+                    f"index {self.uri} was built with config hash {m.get('config_hash')} but this job has "
+                    f"{fields['config_hash']}; use another --index directory for another configuration"
+                )
+            return m
+        m = {"schema_version": SCHEMA_VERSION, "created_at": now_iso(), "updated_at": now_iso(), "version": 0,
+             "parts": {t: [] for t in TABLES}, "base": {}, "counts": {}, **fields}
+        self._write_manifest(m)
+        return m
+
+    def commit(
+        self,
+        tables: dict[str, pa.Table | None] | None = None,
+        base: tuple[str, pa.Table] | None = None,
+        fields: dict | None = None,
+    ) -> dict:
+        """Append parts (and/or a base cache) and swap in a new manifest: all or nothing.
+
+        Signature rows whose lora_id is already indexed are dropped (exactly once)."""
+        m = self.read_manifest()
+        tables = dict(tables or {})
+        sig = tables.get("signatures")
+        if sig is not None and sig.num_rows:
+            have = Snapshot(m, self.root, self.fs).indexed_ids()
+            ids = sig.column("lora_id").to_pylist()
+            keep = [i for i, x in enumerate(ids) if x not in have and x not in ids[:i]]
+            if len(keep) != len(ids):
+                logger.warning("dropping %d signature rows already in the index", len(ids) - len(keep))
+                sig = sig.take(keep)
+            tables["signatures"] = sig
+        new_parts = {t: list(m["parts"].get(t, [])) for t in TABLES}
+        for name, t in tables.items():
+            if name not in TABLES:
+                raise ValueError(f"unknown index table {name!r}; valid: {TABLES}")
+            if t is not None and t.num_rows:
+                new_parts[name].append(self._write_part(name, t))
+        m = dict(m)
+        if base is not None:
+            key, table = base
+            rel = f"data/base/{key}-{uuid.uuid4().hex[:8]}.parquet"
+            self.fs.create_dir(f"{self.root}/data/base", recursive=True)
+            pq.write_table(table, f"{self.root}/{rel}", filesystem=self.fs, compression="zstd")
+            m["base"] = {**m.get("base", {}), key: rel}
+        m["parts"] = new_parts
+        m.update(fields or {})
+        m["version"] = int(m.get("version", 0)) + 1
+        m["updated_at"] = now_iso()
+        snap = Snapshot(m, self.root, self.fs)
+        sigs = snap.signatures()
+        m["counts"] = {
+            "signatures": 0 if sigs is None else sigs.num_rows,
+            "rejects": snap.rejects().num_rows,
+            "parts": sum(len(v) for v in new_parts.values()),
+        }
+        self._write_manifest(m)
+        return m
+
+    def compact(self) -> dict:
+        """Merge each table's parts into one and delete files no manifest lists any more."""
+        m = self.read_manifest()
+        snap = Snapshot(m, self.root, self.fs)
+        parts = {}
+        for name in TABLES:
+            t = snap.table(name)
+            parts[name] = [self._write_part(name, t)] if t is not None and t.num_rows else []
+        m = {**m, "parts": parts, "version": int(m["version"]) + 1, "updated_at": now_iso()}
+        self._write_manifest(m)
+        self.collect_garbage(m)
+        return m
+
+    def collect_garbage(self, manifest: dict | None = None) -> int:
+        """Delete part files the current manifest does not list (interrupted commits, compacted parts)."""
+        m = manifest or self.read_manifest()
+        live = {p for ps in m["parts"].values() for p in ps} | set(m.get("base", {}).values())
+        removed = 0
+        sel = pafs.FileSelector(f"{self.root}/data", recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(sel):
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(self.root) + 1 :] if info.path.startswith(self.root) else info.path
+            if rel not in live:
+                self.fs.delete_file(info.path)
+                removed += 1
+        return removed
+
+
+def rejects_table(rows: Iterable[dict], config_hash: str) -> pa.Table:
+    rows = [{"path": r.get("path"), "sha256": r.get("sha256"), "code": r["code"], "reason": r["reason"],
+             "config_hash": config_hash, "rejected_at": now_iso()} for r in rows]
+    return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def png_bytes(image) -> bytes:
+    """Encode a uint8 (H, W, 3) array as PNG (for thumbnails)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,13 @@
+"""Entry point for `ray job submit --working-dir . -- python jobs/index.py --config conf/X.yaml --loras SRC --index DIR`.
+
+Thin: parses arguments and calls the library (carlos_ray.indexing.run_index)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from carlos_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["index", *sys.argv[1:]]))
