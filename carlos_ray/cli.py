@@ -44,6 +44,8 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 def cmd_zoo(args: argparse.Namespace) -> int:
     from carlos_ray.zoo import make_zoo
 
+    if args.n < 8:
+        raise UsageError(f"a zoo needs n >= 8 to hold every planted behavior, got n={args.n}")
     members = make_zoo(args.dir, n=args.n, seed=args.seed)
     print(_table(members, ["name", "format", "role", "file"]))
     print(f"\nwrote {len(members)} LoRAs to {args.dir}")

@@ -88,6 +88,9 @@ class EncoderSpec(StrictModel):
     )
     dtype: DType = Field("float32", description="Dtype of the CLIP model.")
     device: str = Field("cpu", description="Torch device for the encoder.")
+    micro_batch: int = Field(
+        16, ge=1, le=4096, description="Fixed size of every image-encoder call (last padded), so an embedding never depends on its batch-mates."
+    )
     seed: int = Field(0, description="Seed of the embedded `tiny` model's random weights.")
 
     @field_validator("pretrained")

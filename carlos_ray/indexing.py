@@ -534,7 +534,9 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
             "diffs": pa.Table.from_pylist(pending["diffs"]) if pending["diffs"] else None,
             "thumbs": pa.Table.from_pylist(pending["thumbs"]) if pending["thumbs"] else None,
         }
-        index.commit(tables)
+        m = index.commit(tables)
+        logger.info("committed %d signatures, %d rejects (index version %d)", len(pending["signatures"]),
+                    len(pending["rejects"]), m["version"])
         for v in pending.values():
             v.clear()
 
@@ -596,9 +598,21 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
 # ---- in-process reference --------------------------------------------------------------------------
 def signatures_in_process(cfg: Config, jobs: list[LoraJob], batch_size: int | None = None) -> dict[str, Signature]:
     """The same signatures computed by a plain sequential loop with the same models (tests, benchmarks)."""
-    from carlos_ray.models import create_encoder, create_generator
+    import torch
 
     plan = IndexPlan(cfg)
+    threads = torch.get_num_threads()
+    if cfg.resources.generate.torch_threads:  # same kernels as the actors: bit-identical images
+        torch.set_num_threads(cfg.resources.generate.torch_threads)
+    try:
+        return _signatures_in_process(cfg, plan, jobs, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _signatures_in_process(cfg: Config, plan: "IndexPlan", jobs: list[LoraJob], batch_size: int | None) -> dict[str, Signature]:
+    from carlos_ray.models import create_encoder, create_generator
+
     enc = create_encoder(cfg.encoder)
     gen = create_generator(cfg.generator, enc.image_size)
     bs = batch_size or cfg.resources.generate.batch_size

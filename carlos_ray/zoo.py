@@ -28,29 +28,37 @@ logger = logging.getLogger(__name__)
 UNET_ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 TE_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 
-SCALE_FAMILY_PREFIX = "up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out"
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 Weights = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]  # component -> module -> (down (r,in), up (out,r))
 
 
 def tiny_targets() -> dict[str, dict[str, tuple[int, int]]]:
-    """(out, in) of the LoRA-able modules of the tiny generator, read from its config (no model built)."""
-    from carlos_ray.models.generator import load_model_config
+    """(out, in) of the attention projections a zoo LoRA touches, from the tiny generator built on the meta device."""
+    from carlos_ray.config import GeneratorSpec
+    from carlos_ray.models.generator import generator_lora_targets
 
-    cfg = load_model_config("tiny_sdxl.json")
-    u = cfg["unet"]
-    ch = u["block_out_channels"][-1]
-    blocks = [f"down_blocks.{len(u['block_out_channels']) - 1}.attentions.0", "mid_block.attentions.0"]
-    blocks += [f"up_blocks.0.attentions.{i}" for i in range(u["layers_per_block"] + 1)]
-    unet = {}
-    for b in blocks:
-        for m in UNET_ATTN:
-            unet[f"{b}.transformer_blocks.0.{m}"] = (ch, u["cross_attention_dim"] if m in ("attn2.to_k", "attn2.to_v") else ch)
-    te = cfg["text_encoder"]
-    h = te["hidden_size"]
-    tes = {f"text_model.encoder.layers.{i}.{m}": (h, h) for i in range(te["num_hidden_layers"]) for m in TE_ATTN}
-    return {"unet": unet, "text_encoder": tes, "text_encoder_2": dict(tes)}
+    full = generator_lora_targets(GeneratorSpec())
+    out: dict[str, dict[str, tuple[int, int]]] = {"unet": {}}
+    for name, shape in full["unet"].items():
+        if "transformer_blocks" in name and name.endswith(UNET_ATTN):
+            out["unet"][name] = shape
+    for comp in ("text_encoder", "text_encoder_2"):
+        # the names LoRA files use (and diffusers maps), whatever transformers' module nesting
+        out[comp] = {(n if n.startswith("text_model.") else "text_model." + n): s
+                     for n, s in full[comp].items() if n.endswith(TE_ATTN)}
+    return out
+
+
+def scale_family_target() -> dict[str, dict[str, tuple[int, int]]]:
+    """The last attention's output projection of the UNet: its effect on the image is close to linear in the
+    LoRA scale (the tiny random UNet is chaotic elsewhere), so a scale family keeps one direction."""
+    from carlos_ray.config import GeneratorSpec
+    from carlos_ray.models.generator import generator_lora_targets
+
+    unet = generator_lora_targets(GeneratorSpec())["unet"]
+    last = sorted(n for n in unet if n.startswith("up_blocks.") and n.endswith(".proj_out"))[-1]
+    return {"unet": {last: unet[last]}}
 
 
 def random_weights(
@@ -64,7 +72,7 @@ def random_weights(
     for comp in components:
         out[comp] = {}
         for name, (o, i) in targets[comp].items():
-            down = rng.standard_normal((rank, i)).astype(np.float32) / np.sqrt(i)
+            down = (rng.standard_normal((rank, i)) / np.sqrt(i)).astype(np.float32)
             up = (rng.standard_normal((o, rank)) * magnitude / np.sqrt(rank)).astype(np.float32)
             out[comp][name] = (down, up)
     return out
@@ -124,14 +132,12 @@ def make_zoo(directory: str | Path, n: int = 12, seed: int = 0) -> list[dict]:
 
     def add(name: str, w: Weights, fmt: str, role: str, desc: str, words: list[str], sub: str = "") -> None:
         path = d / sub / f"{name}.safetensors"
-        write_lora(path, w, fmt, metadata={"ss_output_name": name, "carlos_ray_role": role})
+        # one metadata key only: safetensors writes several in random order, and the zoo must be byte-deterministic
+        write_lora(path, w, fmt, metadata={"ss_output_name": name})
         write_sidecar(path, name.replace("_", " ").title(), desc, words)
         members.append({"name": name, "file": str(path.relative_to(d)), "format": fmt, "role": role, "trigger_words": words})
 
-    # The scale family touches only the last attention output projection: the tiny random UNet is
-    # chaotic, and one late linear layer keeps the response close to linear in the LoRA scale.
-    last = {"unet": {k: v for k, v in targets["unet"].items() if k.startswith(SCALE_FAMILY_PREFIX)}}
-    base = random_weights(last, ("unet",), rank=4, magnitude=1.0, rng=rng)
+    base = random_weights(scale_family_target(), ("unet",), rank=4, magnitude=8.0, rng=rng)
     for f, fmt in ((0.5, "kohya"), (1.0, "diffusers"), (2.0, "kohya")):
         add(f"scale_x{f:g}", scaled(base, f), fmt, "scale_family", f"One style at x{f:g} strength.", ["scalestyle"], "family")
     twin = random_weights(targets, ("unet",), rank=4, magnitude=0.5, rng=rng)

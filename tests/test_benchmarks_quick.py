@@ -28,3 +28,39 @@ def test_bench_consistency_quick(tmp_path):
         assert size["max_abs_diff"] <= 1e-9  # ours vs the exact float64 pairwise mean
     assert result["speedup"] == min(s["speedup"] for s in result["sizes"].values())
     assert result["max_abs_diff"] == max(s["max_abs_diff"] for s in result["sizes"].values())
+
+
+def test_bench_rank_quick(tmp_path):
+    out = tmp_path / "rank.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_rank.py"), "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| size | first pass | p50 ms | p99 ms |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert {"p50_ms", "p99_ms", "speedup_vs_loop", "topk_exact", "sizes"} <= set(result)
+    assert set(result["p50_ms"]) == {"740", "100k"}
+    assert all(v > 0 for v in result["p50_ms"].values())
+    assert result["topk_exact"] is True  # checked against an independent float64 brute force
+    assert result["sizes"]["740"]["loop_agrees"] is True
+    assert result["speedup_vs_loop"] > 1
+
+
+def test_bench_query_quick(tmp_path):
+    out = tmp_path / "query.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_query.py"), "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| query words | plain (ms) | fast (ms) | speedup |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert {"speedup", "max_rel_error", "per_length", "batched_3word"} <= set(result)
+    assert set(result["per_length"]) == {"1", "3", "8"}
+    for row in result["per_length"].values():
+        assert {"plain_ms", "fast_ms", "speedup", "max_rel_error"} <= set(row)
+        assert row["plain_ms"] > 0 and row["fast_ms"] > 0
+        assert row["max_rel_error"] <= 1e-4  # fast path vs the plain padded encode_text
+    assert result["speedup"] == min(r["speedup"] for r in result["per_length"].values())
+    assert result["max_rel_error"] == max(r["max_rel_error"] for r in result["per_length"].values())

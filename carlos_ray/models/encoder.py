@@ -44,6 +44,11 @@ def build_open_clip(spec: EncoderSpec):
         state = load_file(str(path))
         if "state_dict" in state:  # pragma: no cover - safetensors files are flat
             state = state["state_dict"]
+        own = model.state_dict()
+        for key, value in state.items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                raise ValueError(f"checkpoint {path} does not fit {spec.arch}: {key} has shape {tuple(value.shape)}, "
+                                 f"the model expects {tuple(own[key].shape)}")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise ValueError(f"checkpoint {path} does not fit {spec.arch}: missing {missing[:3]}")
@@ -87,10 +92,17 @@ class OpenClipEncoder:
             raise ValueError(f"expected uint8 images (B,H,W,3), got {images.dtype} {images.shape}")
         if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
             raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {images.shape[1]}x{images.shape[2]}")
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-        x = ((x - self._mean) / self._std).to(self.device, self.dtype)
-        feats = self.model.encode_image(x, normalize=False)
-        return feats.float().cpu().numpy()
+        mb = self.spec.micro_batch
+        out = []
+        for s in range(0, len(images), mb):
+            chunk = images[s : s + mb]
+            real = len(chunk)
+            if real < mb:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], mb - real, axis=0)])
+            x = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).float().div_(255.0)
+            x = ((x - self._mean) / self._std).to(self.device, self.dtype)
+            out.append(self.model.encode_image(x, normalize=False).float().cpu().numpy()[:real])
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -70,7 +70,7 @@ def load_pretrained_sdxl_pipeline(spec: GeneratorSpec):
         if not Path(src, "model_index.json").is_file():
             raise FileNotFoundError(f"{spec.model} is a directory but has no model_index.json (expected a save_pretrained pipeline)")
     pipe = StableDiffusionXLPipeline.from_pretrained(
-        src, torch_dtype=TORCH_DTYPES[spec.dtype], use_safetensors=True, variant=spec.variant
+        src, dtype=TORCH_DTYPES[spec.dtype], use_safetensors=True, variant=spec.variant
     )
     if spec.vae_dtype != spec.dtype:
         pipe.vae = pipe.vae.to(TORCH_DTYPES[spec.vae_dtype])
@@ -107,13 +107,7 @@ class SDXLGenerator:
     # ---- LoRA handling -------------------------------------------------------------------------
     def lora_targets(self) -> dict[str, dict[str, tuple[int, int]]]:
         """Module name -> (out, in) per component, for the LoRA compatibility check."""
-        from carlos_ray.lora.inspect import targets_from_modules
-
-        return {
-            "unet": targets_from_modules(self.pipe.unet.named_modules()),
-            "text_encoder": targets_from_modules(self.pipe.text_encoder.named_modules()),
-            "text_encoder_2": targets_from_modules(self.pipe.text_encoder_2.named_modules()),
-        }
+        return generator_lora_targets(self.spec)  # from configs: loaded adapters would rename modules
 
     def _read_lora(self, path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

@@ -1,0 +1,165 @@
+"""End-to-end indexing on the synthetic zoo through Ray Data (tiny models, local Ray)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from carlos_ray.indexing import collect_sources, run_index, signatures_in_process
+from carlos_ray.store import Index
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _rows(index: str) -> dict[str, dict]:
+    t = Index(index).snapshot().signatures()
+    return {r["lora_id"]: r for r in t.to_pylist()}
+
+
+def _by_name(rows: dict[str, dict]) -> dict[str, dict]:
+    return {Path(r["source_path"]).name.removesuffix(".safetensors"): r for r in rows.values()}
+
+
+def _cos(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_signatures_equal_in_process_loop(built_index, tiny_config, zoo_dir):
+    from carlos_ray.models.generator import generator_lora_targets
+
+    jobs, _, _ = collect_sources([str(zoo_dir)], generator_lora_targets(tiny_config.generator))
+    ref = signatures_in_process(tiny_config, jobs)
+    rows = _rows(built_index["index"])
+    assert set(rows) == set(ref)
+    for lid, sig in ref.items():
+        r = rows[lid]
+        np.testing.assert_allclose(r["direction"], sig.direction, atol=1e-5, rtol=1e-5)
+        assert r["strength"] == pytest.approx(sig.strength, abs=1e-5)
+        assert r["consistency"] == pytest.approx(sig.consistency, abs=1e-5)
+        assert r["n"] == sig.n == 10
+
+
+def test_planted_behaviors(built_index):
+    rows = _by_name(_rows(built_index["index"]))
+    fam = [rows[f"scale_x{s}"] for s in ("0.5", "1", "2")]
+    assert _cos(fam[0]["direction"], fam[1]["direction"]) > 0.99
+    assert _cos(fam[1]["direction"], fam[2]["direction"]) > 0.99
+    assert fam[0]["strength"] < fam[1]["strength"] < fam[2]["strength"]
+    assert rows["noop"]["strength"] == pytest.approx(0.0, abs=1e-9)
+    names = list(rows)
+    dirs = np.array([np.asarray(rows[n]["direction"]) / (np.linalg.norm(rows[n]["direction"]) + 1e-12) for n in names])
+    sim = dirs @ dirs.T
+    np.fill_diagonal(sim, -2)
+    nearest = {n: names[int(sim[i].argmax())] for i, n in enumerate(names)}
+    assert nearest["twin_a"] == "twin_b" and nearest["twin_b"] == "twin_a"
+    assert rows["erratic"]["strength"] == max(r["strength"] for r in rows.values())
+
+
+def test_hostile_files_rejected_rest_indexed(built_index):
+    summary = built_index["summary"]
+    assert summary.indexed == 10
+    got = {Path(r["path"]).name: r["code"] for r in summary.rejects}
+    for name, code in built_index["hostile_expected"].items():
+        assert name in got, f"{name} was not rejected"
+        assert got[name] == code, f"{name}: expected {code}, got {got[name]}"
+    rej = Index(built_index["index"]).snapshot().rejects()
+    assert rej.num_rows == len(summary.rejects)
+    assert all(r for r in rej.column("reason").to_pylist())
+
+
+def test_manifest_and_tables(built_index, tiny_config):
+    snap = Index(built_index["index"]).snapshot()
+    m = snap.manifest
+    assert m["counts"]["signatures"] == 10
+    assert m["seeds"] == tiny_config.sampling.seeds
+    assert m["generator"]["model"] == "tiny" and m["encoder"]["arch"] == "tiny"
+    assert m["base_key"] in m["base"]
+    base = snap.base(m["base_key"])
+    assert base.num_rows == len(m["prompt_set"]["ids"]) * len(m["seeds"])
+    thumbs = snap.table("thumbs")
+    assert thumbs is not None and thumbs.num_rows > 0
+    assert thumbs.column("png")[0].as_py()[:8] == b"\x89PNG\r\n\x1a\n"
+    sig = snap.signatures()
+    assert len(set(sig.column("lora_id").to_pylist())) == sig.num_rows
+    assert set(m["thresholds"]) >= {"max_strength", "min_consistency", "source"}
+
+
+def test_resume_after_kill_and_duplicates(ray_session, built_index, tiny_config, zoo_dir, tmp_path):
+    """Kill a real indexing process after its first committed LoRA, re-run: same rows, no duplicates."""
+    import ray
+
+    src = tmp_path / "src"
+    shutil.copytree(zoo_dir, src)
+    shutil.copy(src / "twin_a.safetensors", src / "twin_a_copy.safetensors")  # same bytes: indexed once
+    idx = tmp_path / "idx"
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "carlos_ray.cli", "index", "--config", "conf/tiny.yaml", "--loras", str(src),
+           "--index", str(idx), "--address", address]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    killed = False
+    for line in proc.stdout:
+        if line.startswith("committed 1 signatures"):
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        if time.time() > deadline:
+            break
+    proc.kill()
+    proc.wait(timeout=60)
+    assert killed, "the indexing process never reported a finished LoRA"
+    partial = _rows(str(idx))
+    assert 1 <= len(partial) < 10
+
+    s = run_index(tiny_config, [str(src)], str(idx))
+    assert s.duplicates == 1
+    assert s.skipped == len(partial)
+    assert s.indexed == 10 - len(partial)
+    final = _rows(str(idx))
+    full = _rows(built_index["index"])
+    assert set(final) == set(full)
+    for lid, r in final.items():
+        np.testing.assert_allclose(r["direction"], full[lid]["direction"], atol=1e-6)
+        assert r["strength"] == pytest.approx(full[lid]["strength"], abs=1e-6)
+    # every part file the manifest lists holds each LoRA once
+    sig = Index(str(idx)).snapshot().signatures()
+    assert sig.num_rows == len(set(sig.column("lora_id").to_pylist())) == 10
+
+    again = run_index(tiny_config, [str(src)], str(idx))
+    assert again.indexed == 0 and again.skipped == 10 and again.images_generated == 0
+
+
+def test_other_config_refuses_same_index(built_index, tiny_config):
+    from carlos_ray.store import IndexError_
+
+    other = tiny_config.model_copy(deep=True)
+    other.generator.lora_scale = 0.5
+    with pytest.raises(IndexError_, match="config hash"):
+        run_index(other, [], built_index["index"])
+
+
+def test_manifest_source(ray_session, tiny_config, zoo_dir, tmp_path):
+    """A CSV manifest: metadata from the manifest wins; paths escaping the manifest's root are rejected."""
+    from carlos_ray.models.generator import generator_lora_targets
+
+    root = tmp_path / "root"
+    shutil.copytree(zoo_dir, root / "zoo")
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(zoo_dir / "noop.safetensors", outside)
+    man = root / "loras.csv"
+    man.write_text("path,name,description,trigger_words\n"
+                   "zoo/twin_a.safetensors,Crisp,from manifest,\"crisp, sharp\"\n"
+                   "../outside.safetensors,Escape,,\n")
+    jobs, rejects, _ = collect_sources([str(man)], generator_lora_targets(tiny_config.generator))
+    assert [j.name for j in jobs] == ["Crisp"]
+    assert jobs[0].trigger_words == ["crisp", "sharp"] and jobs[0].description == "from manifest"
+    assert [r["code"] for r in rejects] == ["outside_root"]
