@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default="conf/tiny.yaml")
     d.set_defaults(func=cmd_demo)
 
+    from carlos_ray import cli_retrieval  # noqa: F401  (registers query, similar, serve)
+    from carlos_ray import cli_report  # noqa: F401  (registers import-reference, report)
+
     for register in _EXTRA_COMMANDS:
         register(sub)
     return p

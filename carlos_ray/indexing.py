@@ -64,6 +64,11 @@ class IndexSummary:
     images_generated: int = 0
     base_cached: bool = False
     wall_seconds: float = 0.0
+    inspect_seconds: float = 0.0
+    base_seconds: float = 0.0
+    lora_pass_seconds: float = 0.0
+    generate_busy_seconds: float = 0.0
+    embed_busy_seconds: float = 0.0
     index: str = ""
     rejects: list[dict] = field(default_factory=list)
 
@@ -204,6 +209,7 @@ class GenerateImages:
         missing = [c for c in self.REQUIRED if c not in batch]
         if missing:
             raise ValueError(f"GenerateImages needs columns {self.REQUIRED}; missing {missing}")
+        t0 = time.perf_counter()
         n = len(batch["seed"])
         size = self.gen.output_size
         images = np.zeros((n, size, size, 3), np.uint8)
@@ -225,7 +231,8 @@ class GenerateImages:
                 errors[start:end] = f"{type(e).__name__}: {e}"[:500]
             start = end
         out = {k: v for k, v in batch.items() if k not in ("prompt", "lora_path")}
-        out.update(image=images, finite=finite, error=errors)
+        out.update(image=images, finite=finite, error=errors,
+                   gen_seconds=np.full(n, (time.perf_counter() - t0) / max(n, 1)))
         return out
 
 
@@ -261,6 +268,7 @@ class EmbedDiff:
         missing = [c for c in self.REQUIRED if c not in batch]
         if missing:
             raise ValueError(f"EmbedDiff needs columns {self.REQUIRED}; missing {missing}")
+        t0 = time.perf_counter()
         ok = np.asarray(batch["finite"], bool) & (np.asarray([e == "" for e in batch["error"]]))
         emb = np.full((len(ok), self.enc.embed_dim), np.nan, np.float32)
         if ok.any():
@@ -293,7 +301,11 @@ class EmbedDiff:
                 t = np.flatnonzero(good & (sidx == 0))[:THUMBS_PER_LORA]
                 row["thumb_prompt_idx"] = pidx[t].tolist()
                 row["thumbs"] = [self._thumb(batch["image"][i]) for i in t]
+            row["gen_seconds"] = float(np.asarray(batch.get("gen_seconds", np.zeros(len(ok))))[sel].sum())
             rows.append(row)
+        per_row = (time.perf_counter() - t0) / max(len(ok), 1)
+        for row in rows:
+            row["embed_seconds"] = per_row * row["n_rows"]
         return pa.Table.from_pylist(rows)
 
 
@@ -390,6 +402,18 @@ def signature_row(job: LoraJob, sig: Signature, plan: IndexPlan) -> dict:
     }
 
 
+def diffs_table(lora_id: str, extra: dict[str, list], d: int) -> pa.Table:
+    """Per-sample diffs of one LoRA, stored as float16 fixed-size lists."""
+    flat = np.asarray(extra["diffs"], np.float16)
+    n = flat.size // d
+    return pa.table({
+        "lora_id": pa.array([lora_id] * n, pa.string()),
+        "prompt_idx": pa.array(extra["diff_prompt_idx"], pa.int32()),
+        "seed_idx": pa.array(extra["diff_seed_idx"], pa.int32()),
+        "diff": pa.FixedSizeListArray.from_arrays(pa.array(flat), d),
+    })
+
+
 def signatures_table(rows: list[dict]) -> pa.Table:
     from carlos_ray.schema import SIGNATURE_SCHEMA, conform_signatures
 
@@ -460,6 +484,7 @@ def run_index(
     with index:
         index.init(plan.manifest_fields())
         jobs, rejects, summary.duplicates = collect_sources(sources, generator_lora_targets(cfg.generator))
+        summary.inspect_seconds = time.time() - t0
         done = index.snapshot().indexed_ids()
         todo = [j for j in jobs if j.lora_id not in done]
         summary.skipped = len(jobs) - len(todo)
@@ -474,12 +499,16 @@ def run_index(
                     len(jobs), summary.skipped, summary.duplicates, len(rejects))
         ensure_ray(address)
         had_base = index.snapshot().base(plan.base_key) is not None
+        t1 = time.time()
         base = run_base_pass(plan, index) if todo or not had_base else None
+        summary.base_seconds = time.time() - t1
         summary.base_cached = had_base
         if not had_base:
             summary.images_generated += plan.samples_per_lora
         if todo:
+            t2 = time.time()
             _run_lora_pass(plan, index, todo, base, summary, commit_every, on_lora)
+            summary.lora_pass_seconds = time.time() - t2
         index.commit(fields={"thresholds": _thresholds(cfg, index), **plan.manifest_fields()})
     summary.rejected = len(summary.rejects)
     summary.wall_seconds = time.time() - t0
@@ -531,7 +560,7 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
         tables = {
             "signatures": signatures_table(pending["signatures"]) if pending["signatures"] else None,
             "rejects": rejects_table(pending["rejects"], plan.config_hash) if pending["rejects"] else None,
-            "diffs": pa.Table.from_pylist(pending["diffs"]) if pending["diffs"] else None,
+            "diffs": pa.concat_tables(pending["diffs"]) if pending["diffs"] else None,
             "thumbs": pa.Table.from_pylist(pending["thumbs"]) if pending["thumbs"] else None,
         }
         m = index.commit(tables)
@@ -547,6 +576,8 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
         acc[lid] = acc[lid].merge(part) if lid in acc else part
         seen[lid] += int(row["n_rows"])
         nonfinite[lid] += int(row["n_nonfinite"])
+        summary.generate_busy_seconds += float(row.get("gen_seconds") or 0.0)
+        summary.embed_busy_seconds += float(row.get("embed_seconds") or 0.0)
         if row["error"]:
             errors.setdefault(lid, row["error"])
         for k in ("diff_prompt_idx", "diff_seed_idx", "diffs", "thumb_prompt_idx", "thumbs"):
@@ -574,10 +605,7 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
             sig = acc[lid].finalize(plan.categories)
             pending["signatures"].append(signature_row(job, sig, plan))
             if cfg.indexing.keep_diffs:
-                d = len(sig.direction)
-                flat = np.asarray(extra[lid]["diffs"], np.float16).reshape(-1, d)
-                for pi, si, vec in zip(extra[lid]["diff_prompt_idx"], extra[lid]["diff_seed_idx"], flat):
-                    pending["diffs"].append({"lora_id": lid, "prompt_idx": pi, "seed_idx": si, "diff": vec.tolist()})
+                pending["diffs"].append(diffs_table(lid, extra[lid], len(sig.direction)))
             if cfg.indexing.keep_thumbnails:
                 for pi, png in zip(extra[lid]["thumb_prompt_idx"], extra[lid]["thumbs"]):
                     pending["thumbs"].append({"lora_id": lid, "prompt_idx": pi, "png": png})

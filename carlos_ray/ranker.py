@@ -216,6 +216,11 @@ class Ranker:
     def __len__(self) -> int:
         return len(self._ids)
 
+    @property
+    def ids(self) -> list[str]:
+        """lora_ids in the ranker (strength order)."""
+        return list(self._ids)
+
     def __contains__(self, lora_id: object) -> bool:
         return lora_id in self._pos
 

@@ -224,7 +224,7 @@ class Index:
             keep = [i for i, x in enumerate(ids) if x not in have and x not in ids[:i]]
             if len(keep) != len(ids):
                 logger.warning("dropping %d signature rows already in the index", len(ids) - len(keep))
-                sig = sig.take(keep)
+                sig = sig.take(pa.array(keep, pa.int64()))
             tables["signatures"] = sig
         new_parts = {t: list(m["parts"].get(t, [])) for t in TABLES}
         for name, t in tables.items():

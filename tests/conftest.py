@@ -50,6 +50,66 @@ def built_index(ray_session, tiny_config, zoo_dir, tmp_path_factory):
 
     hostile = tmp_path_factory.mktemp("hostile")
     expected = write_hostile_corpus(hostile)
+    expected["overflow.safetensors"] = "nonfinite_samples"  # valid file, but its images overflow to NaN
+    write_overflow_lora(hostile / "overflow.safetensors")
     idx = tmp_path_factory.mktemp("index") / "idx"
-    summary = run_index(tiny_config, [str(zoo_dir), str(hostile)], str(idx))
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.indexing.keep_diffs = True  # exercised here: the diffs table is checked against the directions
+    summary = run_index(cfg, [str(zoo_dir), str(hostile)], str(idx))
     return {"index": str(idx), "summary": summary, "hostile": hostile, "hostile_expected": expected}
+
+
+REFERENCE_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "carlos-ray")
+REFERENCE_WHEEL_NAME = "carlos-0.0.3-py3-none-any.whl"
+
+
+def download_reference_wheel():
+    """The published wheel carlos==0.0.3, downloaded once into ~/.cache/carlos-ray (pip download, no install)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    wheel = Path(REFERENCE_CACHE_DIR) / REFERENCE_WHEEL_NAME
+    if wheel.is_file():
+        return wheel
+    wheel.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--python-version", "3.9",
+           "--only-binary=:all:", "carlos==0.0.3", "-d", str(wheel.parent)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 or not wheel.is_file():
+        raise RuntimeError(
+            f"could not download the reference wheel with {' '.join(cmd)!r} "
+            f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def reference_wheel():
+    """Shared by the reference, import and report tests (tests/test_reference.py defines its own copy)."""
+    import subprocess
+
+    try:
+        return download_reference_wheel()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"the reference wheel carlos==0.0.3 is required for this test and could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def reference_index(reference_wheel, tmp_path_factory):
+    """The published reference imported into a fresh index (read-only for tests)."""
+    from carlos_ray.importer import import_reference
+
+    idx = tmp_path_factory.mktemp("reference") / "idx"
+    summary = import_reference(reference_wheel, str(idx))
+    return {"index": str(idx), "summary": summary}
+
+
+def write_overflow_lora(path):
+    """A well-formed LoRA whose weights are finite but so large that the images overflow to NaN."""
+    import numpy as np
+
+    from carlos_ray.zoo import random_weights, scale_family_target, write_lora
+
+    w = random_weights(scale_family_target(), ("unet",), 4, 1e20, np.random.default_rng(0))
+    write_lora(path, w, "diffusers")

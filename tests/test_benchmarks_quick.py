@@ -64,3 +64,35 @@ def test_bench_query_quick(tmp_path):
         assert row["max_rel_error"] <= 1e-4  # fast path vs the plain padded encode_text
     assert result["speedup"] == min(r["speedup"] for r in result["per_length"].values())
     assert result["max_rel_error"] == max(r["max_rel_error"] for r in result["per_length"].values())
+
+
+def test_bench_serve_quick(tmp_path):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| encoder batching | clients | requests | rps | p50 ms | p99 ms | errors | largest batch |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert {"per_concurrency", "errors", "configs", "loras"} <= set(result)
+    assert set(result["per_concurrency"]) == {"1", "8", "32"}
+    for row in result["per_concurrency"].values():
+        assert {"rps", "p50_ms", "p99_ms", "errors", "requests"} <= set(row)
+        assert row["errors"] == 0 and row["requests"] > 0 and row["rps"] > 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+    assert result["errors"] == 0 and result["loras"] == 200
+
+
+def test_bench_index_quick(tmp_path):
+    out = tmp_path / "index.json"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_index.py"), "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| ratio job / loop |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert {"ratio_vs_loop", "rss_growth", "generate_busy_fraction", "loop_rows_per_s", "pipeline_rows_per_s"} <= set(result)
+    assert result["ratio_vs_loop"] > 0 and 0 < result["generate_busy_fraction"] <= 1.5

@@ -163,3 +163,17 @@ def test_manifest_source(ray_session, tiny_config, zoo_dir, tmp_path):
     assert [j.name for j in jobs] == ["Crisp"]
     assert jobs[0].trigger_words == ["crisp", "sharp"] and jobs[0].description == "from manifest"
     assert [r["code"] for r in rejects] == ["outside_root"]
+
+
+def test_kept_diffs_average_to_the_direction(built_index):
+    snap = Index(built_index["index"]).snapshot()
+    diffs = snap.table("diffs")
+    assert diffs is not None
+    rows = _rows(built_index["index"])
+    assert diffs.num_rows == sum(r["n"] for r in rows.values())
+    by_lora: dict[str, list] = {}
+    for r in diffs.to_pylist():
+        by_lora.setdefault(r["lora_id"], []).append(r["diff"])
+    for lid, r in rows.items():
+        mean = np.asarray(by_lora[lid], np.float64).mean(axis=0)
+        np.testing.assert_allclose(mean, r["direction"], atol=2e-3)  # float16 storage

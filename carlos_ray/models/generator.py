@@ -8,6 +8,7 @@ arrays leave the generation actor.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -148,12 +149,27 @@ class SDXLGenerator:
         if path is None:
             raise KeyError(f"adapter {name!r} is not loaded and no path was given")
         state = self._read_lora(path)
+        # one adapter slot whose weights are swapped in place: a compiled UNet never sees a new graph.
+        # (set_adapters cannot see through torch.compile's wrapper; the scale goes in per call instead.)
         self.pipe.load_lora_weights(state, adapter_name="slot", hotswap=self._hotswap_ready)
         self._hotswap_ready = True
         self._adapters = OrderedDict(slot=None)
         self.pipe.enable_lora()
-        self.pipe.set_adapters(["slot"], adapter_weights=[self.spec.lora_scale])
         self._active = name
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode in the VAE's own dtype (e.g. fp32 VAE under an fp16/bf16 UNet, so SDXL does not emit NaN)."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+            std = torch.tensor(std, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pt")
 
     def unload_all(self) -> None:
         self.pipe.unload_lora_weights()
@@ -181,6 +197,10 @@ class SDXLGenerator:
             p += [p[-1]] * (mb - real)
             s += [s[-1]] * (mb - real)
             gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in s]
+            split_decode = self.pipe.vae.dtype != self.pipe.unet.dtype
+            extra = {}
+            if self.spec.lora_hotswap and self._active is not None:
+                extra["cross_attention_kwargs"] = {"scale": self.spec.lora_scale}
             res = self.pipe(
                 prompt=p,
                 negative_prompt=[self.spec.negative_prompt] * mb,
@@ -189,9 +209,10 @@ class SDXLGenerator:
                 height=self.spec.resolution,
                 width=self.spec.resolution,
                 generator=gens,
-                output_type="pt",
+                output_type="latent" if split_decode else "pt",
+                **extra,
             ).images[:real]
-            imgs = res.float()
+            imgs = (self._decode(res) if split_decode else res).float()
             ok = torch.isfinite(imgs).flatten(1).all(dim=1)
             imgs = torch.nan_to_num(imgs, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
             if imgs.shape[-1] != self.output_size:
@@ -211,6 +232,14 @@ def generator_registry() -> Mapping[str, type]:
 
 def generator_lora_targets(spec: GeneratorSpec) -> dict[str, dict[str, tuple[int, int]]]:
     """LoRA-able module shapes of a generator, built on the meta device: no weights are loaded or allocated."""
+    import copy
+
+    return copy.deepcopy(_generator_lora_targets(spec.model, spec.variant))
+
+
+@functools.lru_cache(maxsize=8)
+def _generator_lora_targets(model: str, variant: str | None) -> dict[str, dict[str, tuple[int, int]]]:
+    spec = GeneratorSpec(model=model, variant=variant)
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
