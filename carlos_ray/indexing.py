@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 THUMBS_PER_LORA = 8
+COMPACT_AFTER_PARTS = 64
 
 
 @dataclass
@@ -510,6 +511,8 @@ def run_index(
             _run_lora_pass(plan, index, todo, base, summary, commit_every, on_lora)
             summary.lora_pass_seconds = time.time() - t2
         index.commit(fields={"thresholds": _thresholds(cfg, index), **plan.manifest_fields()})
+        if index.read_manifest()["counts"].get("parts", 0) > COMPACT_AFTER_PARTS:
+            index.compact()  # one part per table again; unreferenced files removed
     summary.rejected = len(summary.rejects)
     summary.wall_seconds = time.time() - t0
     return summary

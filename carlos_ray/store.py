@@ -261,7 +261,8 @@ class Index:
         for name in TABLES:
             t = snap.table(name)
             parts[name] = [self._write_part(name, t)] if t is not None and t.num_rows else []
-        m = {**m, "parts": parts, "version": int(m["version"]) + 1, "updated_at": now_iso()}
+        counts = {**m.get("counts", {}), "parts": sum(len(v) for v in parts.values())}
+        m = {**m, "parts": parts, "counts": counts, "version": int(m["version"]) + 1, "updated_at": now_iso()}
         self._write_manifest(m)
         self.collect_garbage(m)
         return m

@@ -1,0 +1,22 @@
+"""`carlos-ray demo` (the main job) runs to completion in a temp dir."""
+
+from __future__ import annotations
+
+from carlos_ray.cli import main
+from carlos_ray.store import Index
+
+
+def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "ray job submit", "carlos-ray serve"):
+        assert step in out
+    assert "pickle" in out and "wrong_base" in out  # rejects printed with their reasons
+    snap = Index(str(tmp_path / "demo" / "index")).snapshot()
+    assert snap.manifest["counts"]["signatures"] == 12
+    assert snap.rejects().num_rows == 22
+    assert (tmp_path / "demo" / "report" / "index.html").is_file()
+    # more-like-this: the planted near-duplicate leads
+    section = out.split("[4/5]")[1].split("[5/5]")[0]
+    first_row = [line for line in section.splitlines() if line.startswith("1 ")][0]
+    assert "Twin B" in first_row
