@@ -421,6 +421,19 @@ def signatures_table(rows: list[dict]) -> pa.Table:
     return conform_signatures(pa.Table.from_pylist(rows, schema=SIGNATURE_SCHEMA))
 
 
+def _generate_and_embed(ds, plan: IndexPlan, base: np.ndarray | None):
+    """The two actor-pool stages; `base=None` is the base pass (raw embeddings, no diffs)."""
+    cfg = plan.cfg
+    ds = ds.map_batches(GenerateImages, fn_constructor_kwargs=dict(
+        generator_spec=cfg.generator.model_dump(), output_size=plan.image_size,
+        torch_threads=cfg.resources.generate.torch_threads), **_stage_kwargs(cfg.resources.generate, cfg))
+    return ds.map_batches(EmbedDiff, fn_constructor_kwargs=dict(
+        encoder_spec=cfg.encoder.model_dump(), n_prompts=len(plan.prompts), base=base,
+        keep_diffs=cfg.indexing.keep_diffs and base is not None, keep_thumbnails=cfg.indexing.keep_thumbnails,
+        thumbnail_size=cfg.indexing.thumbnail_size, torch_threads=cfg.resources.embed.torch_threads),
+        batch_format="numpy", **_stage_kwargs(cfg.resources.embed, cfg))
+
+
 def run_base_pass(plan: IndexPlan, index: Index) -> np.ndarray:
     """Base embeddings (n_prompts, n_seeds, d), from the index cache or computed on Ray Data and cached."""
     import ray.data
@@ -433,14 +446,7 @@ def run_base_pass(plan: IndexPlan, index: Index) -> np.ndarray:
     cfg = plan.cfg
     logger.info("base pass: %d prompts x %d seeds", len(plan.prompts), len(plan.seeds))
     _data_context(cfg)
-    ds = ray.data.from_items(plan.rows([None]))
-    ds = ds.map_batches(GenerateImages, fn_constructor_kwargs=dict(
-        generator_spec=cfg.generator.model_dump(), output_size=plan.image_size,
-        torch_threads=cfg.resources.generate.torch_threads), **_stage_kwargs(cfg.resources.generate, cfg))
-    ds = ds.map_batches(EmbedDiff, fn_constructor_kwargs=dict(
-        encoder_spec=cfg.encoder.model_dump(), n_prompts=len(plan.prompts), base=None,
-        keep_thumbnails=cfg.indexing.keep_thumbnails, thumbnail_size=cfg.indexing.thumbnail_size,
-        torch_threads=cfg.resources.embed.torch_threads), batch_format="numpy", **_stage_kwargs(cfg.resources.embed, cfg))
+    ds = _generate_and_embed(ray.data.from_items(plan.rows([None])), plan, base=None)
     table = ds.to_arrow_refs()
     import ray as _ray
 
@@ -539,15 +545,7 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
     n_lora = plan.samples_per_lora
     rows = plan.rows(todo)
     blocks = max(1, len(rows) // (cfg.indexing.lora_block_rows or n_lora))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(GenerateImages, fn_constructor_kwargs=dict(
-        generator_spec=cfg.generator.model_dump(), output_size=plan.image_size,
-        torch_threads=cfg.resources.generate.torch_threads), **_stage_kwargs(cfg.resources.generate, cfg))
-    ds = ds.map_batches(EmbedDiff, fn_constructor_kwargs=dict(
-        encoder_spec=cfg.encoder.model_dump(), n_prompts=len(plan.prompts), base=base,
-        keep_diffs=cfg.indexing.keep_diffs, keep_thumbnails=cfg.indexing.keep_thumbnails,
-        thumbnail_size=cfg.indexing.thumbnail_size, torch_threads=cfg.resources.embed.torch_threads),
-        batch_format="numpy", **_stage_kwargs(cfg.resources.embed, cfg))
+    ds = _generate_and_embed(ray.data.from_items(rows, override_num_blocks=blocks), plan, base=base)
 
     by_id = {j.lora_id: j for j in todo}
     acc: dict[str, PartialStats] = {}

@@ -86,7 +86,7 @@ def download_reference_wheel():
 
 @pytest.fixture(scope="session")
 def reference_wheel():
-    """Shared by the reference, import and report tests (tests/test_reference.py defines its own copy)."""
+    """The published wheel (pip download, cached in ~/.cache/carlos-ray): reference, import and report tests."""
     import subprocess
 
     try:

@@ -26,35 +26,6 @@ from carlos_ray.ranker import (
 from carlos_ray.reference import REFERENCE_MEMBER, ReferenceFormatError, read_reference, strip_html
 from carlos_ray.schema import SIGNATURE_SCHEMA
 
-CACHE_DIR = Path.home() / ".cache" / "carlos-ray"
-WHEEL_NAME = "carlos-0.0.3-py3-none-any.whl"
-
-
-def download_reference_wheel() -> Path:
-    """The published wheel, downloaded once into ~/.cache/carlos-ray (pip, no install)."""
-    wheel = CACHE_DIR / WHEEL_NAME
-    if wheel.is_file():
-        return wheel
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--python-version", "3.9",
-           "--only-binary=:all:", "carlos==0.0.3", "-d", str(CACHE_DIR)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 or not wheel.is_file():
-        raise RuntimeError(
-            f"could not download the reference wheel with {' '.join(cmd)!r} "
-            f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        )
-    return wheel
-
-
-@pytest.fixture(scope="session")
-def reference_wheel() -> Path:
-    try:
-        return download_reference_wheel()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        pytest.fail(f"the reference wheel carlos==0.0.3 is required for this test and could not be fetched: {e}")
-
-
 @pytest.fixture(scope="session")
 def source_table(reference_wheel) -> pa.Table:
     """The parquet member read directly (independently of carlos_ray.reference)."""
