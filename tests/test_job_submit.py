@@ -7,6 +7,7 @@ by its process group (never `ray stop`, which would kill every Ray process on th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,8 +45,13 @@ def token_head(tmp_path):
     assert (home / ".ray" / "auth_token").is_file()
     temp_dir = tempfile.mkdtemp(prefix="/tmp/crj")  # short: Ray's socket paths have a length limit
     gcs, dash = _free_port(), _free_port()
+    # every port the head and its agents bind is chosen here: the suite's own Ray instance already
+    # holds the defaults (a second dashboard agent on 52365 never registers: "No available agent")
+    own_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", *own_ports,
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -70,6 +76,7 @@ def token_head(tmp_path):
             except ProcessLookupError:
                 pass
             head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submit_with_token_auth(token_head, zoo_dir, tmp_path):
