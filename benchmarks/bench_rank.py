@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="740 and 100k only, few repetitions (< 30 s)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--threads", type=int, default=1, help="threads of the int8 pass (also timed: 2 if 1, else 1)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the int8 pass (also timed: 2 if 1, else 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

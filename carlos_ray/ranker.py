@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections import Counter
 from typing import Any, Literal, NamedTuple
@@ -115,17 +116,20 @@ class Ranker:
         max_strength: float | None = None,
         min_consistency: float | None = None,
         first_pass: FirstPass = "auto",
-        threads: int = 1,
+        threads: int | None = None,
     ) -> Ranker:
         """Build a ranker over a signatures table (see :mod:`carlos_ray.schema`).
 
         ``max_strength`` / ``min_consistency`` are the default filters (None: no filter), usually
         the index manifest's thresholds. ``first_pass`` picks the bound pass: ``"auto"`` uses
         ``"int8"`` for at least ``INT8_MIN_ROWS`` rows when ``simsimd`` is installed, else
-        ``"float32"``. ``threads`` is the thread count of the int8 pass.
+        ``"float32"``. ``threads`` is the thread count of the int8 pass (None: up to 4 of this
+        machine's cores; the 1M-row pass is memory-bound and 2 threads halve it on 2 cores).
         """
         if first_pass not in ("auto", "float32", "int8"):
             raise ValueError(f"first_pass must be 'auto', 'float32' or 'int8', got {first_pass!r}")
+        if threads is None:
+            threads = max(1, min(4, os.cpu_count() or 1))
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         table = conform_signatures(table)
