@@ -10,10 +10,7 @@ Directions are imported losslessly (the float64 source values, bit for bit).
 from __future__ import annotations
 
 import datetime as dt
-import html.parser
-import io
 import logging
-import re
 import zipfile
 import zlib
 from pathlib import Path
@@ -24,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from carlos_ray.lora.sidecar import strip_html  # noqa: F401  (re-exported)
 from carlos_ray.schema import conform_signatures
 
 logger = logging.getLogger(__name__)
@@ -49,58 +47,6 @@ def reference_manifest() -> dict[str, Any]:
         "source": "carlos==0.0.3 metrics_database.parquet",
         "has_base_cache": False,
     }
-
-
-class _TextExtractor(html.parser.HTMLParser):
-    """Collects the text of an HTML fragment; block elements become line breaks."""
-
-    _BLOCK = {
-        "p", "br", "div", "li", "ul", "ol", "tr", "table", "blockquote", "pre", "hr",
-        "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "header", "footer",
-    }  # fmt: skip
-    _SKIP = {"script", "style"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skipping = 0
-
-    def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in self._SKIP:
-            self._skipping += 1
-        elif tag in self._BLOCK:
-            self.parts.append("\n")
-
-    def handle_startendtag(self, tag: str, attrs: Any) -> None:
-        if tag in self._BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self._skipping = max(0, self._skipping - 1)
-        elif tag in self._BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skipping:
-            self.parts.append(data)
-
-
-def strip_html(text: str | None) -> str | None:
-    """Plain text of an HTML fragment: tags removed, entities decoded, whitespace tidied.
-
-    Block elements (``<p>``, ``<br>``, headings, list items...) become line breaks; runs of
-    spaces collapse to one and blank lines to a single empty line.
-    """
-    if text is None:
-        return None
-    parser = _TextExtractor()
-    parser.feed(text)
-    parser.close()
-    raw = "".join(parser.parts).replace("\xa0", " ")
-    lines = [re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in raw.split("\n")]
-    out = "\n".join(lines)
-    return re.sub(r"\n{3,}", "\n\n", out).strip()
 
 
 def _read_source_bytes(path: Path) -> tuple[bytes, str]:

@@ -75,11 +75,11 @@ class Snapshot:
     root: str
     fs: pafs.FileSystem
 
-    def table(self, name: str) -> pa.Table | None:
+    def table(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
         parts = self.manifest.get("parts", {}).get(name, [])
         if not parts:
             return None
-        tables = [pq.read_table(f"{self.root}/{p}", filesystem=self.fs) for p in parts]
+        tables = [pq.read_table(f"{self.root}/{p}", filesystem=self.fs, columns=columns) for p in parts]
         return pa.concat_tables(tables, promote_options="permissive")
 
     def signatures(self) -> pa.Table | None:
@@ -96,7 +96,7 @@ class Snapshot:
         return pq.read_table(f"{self.root}/{rel}", filesystem=self.fs)
 
     def indexed_ids(self) -> set[str]:
-        t = self.signatures()
+        t = self.table("signatures", columns=["lora_id"])
         return set() if t is None else set(t.column("lora_id").to_pylist())
 
 
@@ -217,6 +217,7 @@ class Index:
         Signature rows whose lora_id is already indexed are dropped (exactly once)."""
         m = self.read_manifest()
         tables = dict(tables or {})
+        counts = dict(m.get("counts", {}))
         sig = tables.get("signatures")
         if sig is not None and sig.num_rows:
             have = Snapshot(m, self.root, self.fs).indexed_ids()
@@ -226,6 +227,7 @@ class Index:
                 logger.warning("dropping %d signature rows already in the index", len(ids) - len(keep))
                 sig = sig.take(pa.array(keep, pa.int64()))
             tables["signatures"] = sig
+            counts["signatures"] = len(have) + sig.num_rows
         new_parts = {t: list(m["parts"].get(t, [])) for t in TABLES}
         for name, t in tables.items():
             if name not in TABLES:
@@ -243,11 +245,11 @@ class Index:
         m.update(fields or {})
         m["version"] = int(m.get("version", 0)) + 1
         m["updated_at"] = now_iso()
-        snap = Snapshot(m, self.root, self.fs)
-        sigs = snap.signatures()
+        # counts kept incrementally: a commit never re-reads the whole index
+        rej = tables.get("rejects")
         m["counts"] = {
-            "signatures": 0 if sigs is None else sigs.num_rows,
-            "rejects": snap.rejects().num_rows,
+            "signatures": int(counts.get("signatures", 0)),
+            "rejects": int(counts.get("rejects", 0)) + (0 if rej is None else rej.num_rows),
             "parts": sum(len(v) for v in new_parts.values()),
         }
         self._write_manifest(m)

@@ -143,8 +143,7 @@ def test_missing_path_exits_2(tmp_path, capsys):
 
 # ---- the installed console script ----------------------------------------------------------------------
 def test_console_script_subprocess(good_zoo):
-    if not CLI.exists():
-        pytest.skip(f"console script not installed at {CLI}")
+    assert CLI.exists(), f"console script not installed at {CLI}: `make setup` installs it"
     d, members = good_zoo
     res = subprocess.run([str(CLI), "inspect", str(d), "--json"], capture_output=True, text=True, timeout=120)
     assert res.returncode == EXIT_OK, res.stderr

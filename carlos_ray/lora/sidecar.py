@@ -37,39 +37,55 @@ class SidecarInfo:
 
 
 class _TextExtractor(HTMLParser):
-    _BLOCK = {"p", "br", "div", "li", "ul", "ol", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "hr"}
+    """Collects the text of an HTML fragment; block elements become line breaks."""
+
+    _BLOCK = {
+        "p", "br", "div", "li", "ul", "ol", "tr", "table", "blockquote", "pre", "hr",
+        "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "header", "footer",
+    }  # fmt: skip
     _SKIP = {"script", "style"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
-        self._skip = 0
+        self._skipping = 0
 
     def handle_starttag(self, tag: str, attrs: Any) -> None:
         if tag in self._SKIP:
-            self._skip += 1
+            self._skipping += 1
         elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_startendtag(self, tag: str, attrs: Any) -> None:
+        if tag in self._BLOCK:
             self.parts.append("\n")
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self._SKIP:
-            self._skip = max(0, self._skip - 1)
+            self._skipping = max(0, self._skipping - 1)
         elif tag in self._BLOCK:
             self.parts.append("\n")
 
     def handle_data(self, data: str) -> None:
-        if not self._skip:
+        if not self._skipping:
             self.parts.append(data)
 
 
-def strip_html(text: str, max_chars: int = MAX_TEXT_CHARS) -> str:
-    """Plain text from an HTML fragment: tags and scripts dropped, entities decoded, whitespace tidied."""
+def strip_html(text: str | None, max_chars: int | None = None) -> str | None:
+    """Plain text of an HTML fragment: tags and scripts dropped, entities decoded, whitespace tidied.
+
+    Block elements (``<p>``, ``<br>``, headings, list items...) become line breaks; runs of
+    spaces collapse to one and blank lines to a single empty line. None stays None.
+    """
+    if text is None:
+        return None
     parser = _TextExtractor()
     parser.feed(text)
     parser.close()
-    lines = [re.sub(r"[ \t\r\f\v\xa0]+", " ", line).strip() for line in "".join(parser.parts).split("\n")]
+    raw = "".join(parser.parts).replace("\xa0", " ")
+    lines = [re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in raw.split("\n")]
     out = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-    return out[:max_chars]
+    return out if max_chars is None else out[:max_chars]
 
 
 def _clean_text(value: Any, limit: int) -> str | None:
