@@ -131,8 +131,13 @@ class StageResources(StrictModel):
 class ResourcesSpec(StrictModel):
     generate: StageResources = Field(default_factory=StageResources, description="Generation actor pool.")
     embed: StageResources = Field(default_factory=StageResources, description="CLIP embedding actor pool.")
-    max_task_retries: int = Field(3, ge=0, le=100, description="Retries of a failed actor task (Ray Data `max_task_retries`).")
-    max_restarts: int = Field(3, ge=0, le=100, description="Restarts of a dead actor (Ray `max_restarts`).")
+    max_task_retries: int = Field(
+        3, ge=0, le=100, description="Retries of an actor task lost to a dead or unreachable actor (Ray `max_task_retries`; "
+        "Ray Data's default is unbounded, which lets a crash loop hang a job).")
+    max_restarts: int = Field(3, ge=0, le=100, description="Restarts of a dead actor, e.g. killed or OOM (Ray `max_restarts`).")
+    pass_retries: int = Field(
+        2, ge=0, le=100, description="Re-runs of the LoRA pass after a Ray system failure (node lost, actor unreachable, object "
+        "lost) in a row without a LoRA finishing in between; committed LoRAs are never redone.")
 
 
 class IndexingSpec(StrictModel):

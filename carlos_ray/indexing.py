@@ -63,6 +63,8 @@ class IndexSummary:
     rejected: int = 0
     duplicates: int = 0
     images_generated: int = 0
+    pass_retries: int = 0
+    duplicate_outputs: int = 0
     base_cached: bool = False
     wall_seconds: float = 0.0
     inspect_seconds: float = 0.0
@@ -292,7 +294,7 @@ class EmbedDiff:
             part = PartialStats.from_diffs(diffs, pidx[good], self.n_prompts) if good.any() else PartialStats.empty(
                 self.enc.embed_dim, self.n_prompts)
             errs = [e for e in batch["error"][sel] if e]
-            row = {"lora_id": lid, "n_rows": int(sel.sum()), "n_nonfinite": int((sel & ~ok).sum()) - (int(sel.sum()) if errs else 0),
+            row = {"lora_id": lid, "n_rows": int(sel.sum()), "sample_keys": (pidx[sel] << 32 | sidx[sel]).tolist(), "n_nonfinite": int((sel & ~ok).sum()) - (int(sel.sum()) if errs else 0),
                    "error": errs[0] if errs else "", **part.to_row()}
             if self.keep_diffs:
                 row["diff_prompt_idx"] = pidx[good].tolist()
@@ -323,10 +325,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def _data_context(cfg: Config):
+    """Ray Data settings of both passes, chosen for exactly-once indexing (see docs/RELIABILITY.md)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
+    ctx.max_errored_blocks = 0  # a failed block fails the pass: rows are never dropped silently
+    ctx.actor_task_retry_on_errors = False  # stage exceptions are deterministic; a failing LoRA becomes a reject
     ctx.enable_progress_bars = logger.isEnabledFor(logging.INFO)
     return ctx
 
@@ -339,9 +344,18 @@ def _stage_kwargs(stage, cfg: Config) -> dict:
         batch_size=stage.batch_size,
         num_gpus=stage.num_gpus or None,
         num_cpus=stage.num_cpus,
+        # Bounded where Ray Data's default is unbounded; passed as remote args, the only way Ray 2.60 takes them.
         max_restarts=cfg.resources.max_restarts,
         max_task_retries=cfg.resources.max_task_retries,
     )
+
+
+def _map_batches(ds, fn, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():  # Ray 2.60 deprecates **ray_remote_args but has no named max_restarts yet
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated", category=DeprecationWarning)
+        return ds.map_batches(fn, **kwargs)
 
 
 class IndexPlan:
@@ -424,10 +438,10 @@ def signatures_table(rows: list[dict]) -> pa.Table:
 def _generate_and_embed(ds, plan: IndexPlan, base: np.ndarray | None):
     """The two actor-pool stages; `base=None` is the base pass (raw embeddings, no diffs)."""
     cfg = plan.cfg
-    ds = ds.map_batches(GenerateImages, fn_constructor_kwargs=dict(
+    ds = _map_batches(ds, GenerateImages, fn_constructor_kwargs=dict(
         generator_spec=cfg.generator.model_dump(), output_size=plan.image_size,
         torch_threads=cfg.resources.generate.torch_threads), **_stage_kwargs(cfg.resources.generate, cfg))
-    return ds.map_batches(EmbedDiff, fn_constructor_kwargs=dict(
+    return _map_batches(ds, EmbedDiff, fn_constructor_kwargs=dict(
         encoder_spec=cfg.encoder.model_dump(), n_prompts=len(plan.prompts), base=base,
         keep_diffs=cfg.indexing.keep_diffs and base is not None, keep_thumbnails=cfg.indexing.keep_thumbnails,
         thumbnail_size=cfg.indexing.thumbnail_size, torch_threads=cfg.resources.embed.torch_threads),
@@ -480,8 +494,6 @@ def run_index(
     on_lora: Callable[[dict], None] | None = None,
 ) -> IndexSummary:
     """Index every LoRA in `sources` into `index_uri`; resumable and exactly-once."""
-    import ray.data
-
     from carlos_ray.models.generator import generator_lora_targets
 
     t0 = time.time()
@@ -514,7 +526,7 @@ def run_index(
             summary.images_generated += plan.samples_per_lora
         if todo:
             t2 = time.time()
-            _run_lora_pass(plan, index, todo, base, summary, commit_every, on_lora)
+            _lora_pass_with_retries(plan, index, todo, base, summary, commit_every, on_lora)
             summary.lora_pass_seconds = time.time() - t2
         index.commit(fields={"thresholds": _thresholds(cfg, index), **plan.manifest_fields()})
         if index.read_manifest()["counts"].get("parts", 0) > COMPACT_AFTER_PARTS:
@@ -536,8 +548,54 @@ def _thresholds(cfg: Config, index: Index) -> dict:
     return calibrate_thresholds(np.asarray(sig.column("strength")), np.asarray(sig.column("consistency")))
 
 
+class IncompletePass(RuntimeError):
+    """The LoRA pass ended while some LoRAs still missed samples (nothing of them was committed)."""
+
+
+def is_system_failure(e: BaseException) -> bool:
+    """A Ray failure of the cluster rather than of our code (node or actor lost, object lost): worth a re-run."""
+    from ray.exceptions import RayError, RayTaskError
+
+    if isinstance(e, IncompletePass):
+        return True
+    if isinstance(e, RayTaskError):  # an exception raised inside a task: system only if caused by another Ray failure
+        return isinstance(e.cause, RayError) and is_system_failure(e.cause)
+    return isinstance(e, RayError)
+
+
+def _lora_pass_with_retries(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.ndarray,
+                            summary: IndexSummary, commit_every: int, on_lora: Callable[[dict], None] | None) -> None:
+    """Run the LoRA pass; after a system failure, re-run it for the LoRAs not yet committed.
+
+    Ray restarts dead actors and retries their tasks (`resources.max_restarts`, `max_task_retries`); when that is
+    not enough (a node lost with a task in flight), the whole pass fails. Every finished LoRA was already committed,
+    so a re-run over the rest loses and duplicates nothing. Retries stop after `resources.pass_retries` failures in
+    a row with no LoRA finished, so a cluster that cannot make progress fails the job instead of looping."""
+    remaining = list(todo)
+    stalled = 0
+    while True:
+        finished: set[str] = set()
+        try:
+            _run_lora_pass(plan, index, remaining, base, summary, commit_every, on_lora, finished)
+            return
+        except Exception as e:
+            if not is_system_failure(e):
+                raise
+            remaining = [j for j in remaining if j.lora_id not in finished]
+            stalled = 0 if finished else stalled + 1
+            if stalled > plan.cfg.resources.pass_retries:
+                raise RuntimeError(f"the LoRA pass failed {stalled} times in a row without finishing a LoRA "
+                                   f"({len(remaining)} LoRAs left; re-run to resume): {type(e).__name__}: {e}") from e
+            summary.pass_retries += 1
+            logger.warning("the LoRA pass failed (%s: %s); %d LoRAs committed before it, re-running the pass for "
+                           "the %d left (retry %d)", type(e).__name__, str(e)[:300], len(finished), len(remaining),
+                           summary.pass_retries)
+            time.sleep(min(2.0 ** stalled, 10.0))
+
+
 def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.ndarray, summary: IndexSummary,
-                   commit_every: int, on_lora: Callable[[dict], None] | None) -> None:
+                   commit_every: int, on_lora: Callable[[dict], None] | None, finished_ids: set[str]) -> None:
+    """One streaming pass over `todo`; each LoRA is committed once all its samples are in (ids go to `finished_ids`)."""
     import ray.data
 
     cfg = plan.cfg
@@ -549,11 +607,12 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
 
     by_id = {j.lora_id: j for j in todo}
     acc: dict[str, PartialStats] = {}
-    seen: dict[str, int] = defaultdict(int)
+    covered: dict[str, set[int]] = defaultdict(set)  # prompt_idx << 32 | seed_idx of every sample received
     nonfinite: dict[str, int] = defaultdict(int)
     errors: dict[str, str] = {}
     extra: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     pending: dict[str, list] = {"signatures": [], "rejects": [], "diffs": [], "thumbs": []}
+    committed_ids: list[str] = []
 
     def flush() -> None:
         if not any(pending.values()):
@@ -567,15 +626,25 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
         m = index.commit(tables)
         logger.info("committed %d signatures, %d rejects (index version %d)", len(pending["signatures"]),
                     len(pending["rejects"]), m["version"])
+        finished_ids.update(committed_ids)
+        committed_ids.clear()
         for v in pending.values():
             v.clear()
 
-    finished = 0
-    for row in ds.iter_rows():
+    def receive(row: dict) -> bool:
+        """Merge one map-side partial; False for a repeated output (a retried task delivered twice)."""
         lid = row["lora_id"]
+        keys = set(row["sample_keys"])
+        if keys & covered[lid]:
+            if keys <= covered[lid]:
+                summary.duplicate_outputs += 1
+                logger.warning("ignored a repeated output for LoRA %s (%d samples already merged)", lid, len(keys))
+                return False
+            raise RuntimeError(f"LoRA {lid}: a pipeline output overlaps samples already merged but is not a repeat; "
+                               "the index is unchanged for it")
+        covered[lid] |= keys
         part = PartialStats.from_row(row)
         acc[lid] = acc[lid].merge(part) if lid in acc else part
-        seen[lid] += int(row["n_rows"])
         nonfinite[lid] += int(row["n_nonfinite"])
         summary.generate_busy_seconds += float(row.get("gen_seconds") or 0.0)
         summary.embed_busy_seconds += float(row.get("embed_seconds") or 0.0)
@@ -584,10 +653,10 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
         for k in ("diff_prompt_idx", "diff_seed_idx", "diffs", "thumb_prompt_idx", "thumbs"):
             if k in row and row[k] is not None:
                 extra[lid][k].extend(list(row[k]))
-        if seen[lid] < n_lora:
-            continue
+        return True
+
+    def finish(lid: str, position: int) -> None:
         job = by_id[lid]
-        finished += 1
         summary.images_generated += n_lora
         reject = None
         if lid in errors:
@@ -601,7 +670,7 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
             r = {"path": job.path, "sha256": job.sha256, "code": reject[0], "reason": reject[1]}
             pending["rejects"].append(r)
             summary.rejects.append(r)
-            logger.info("[%d/%d] rejected %s: %s", finished, len(todo), job.name, reject[1])
+            logger.info("[%d/%d] rejected %s: %s", position, len(todo), job.name, reject[1])
         else:
             sig = acc[lid].finalize(plan.categories)
             pending["signatures"].append(signature_row(job, sig, plan))
@@ -611,17 +680,26 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
                 for pi, png in zip(extra[lid]["thumb_prompt_idx"], extra[lid]["thumbs"]):
                     pending["thumbs"].append({"lora_id": lid, "prompt_idx": pi, "png": png})
             summary.indexed += 1
-            logger.info("[%d/%d] indexed %s  strength=%.4g consistency=%.4g n=%d", finished, len(todo), job.name,
+            logger.info("[%d/%d] indexed %s  strength=%.4g consistency=%.4g n=%d", position, len(todo), job.name,
                         sig.strength, sig.consistency, sig.n)
             if on_lora:
                 on_lora({"lora_id": lid, "name": job.name, "strength": sig.strength, "consistency": sig.consistency})
+        committed_ids.append(lid)
         del acc[lid], extra[lid]
-        if finished % commit_every == 0:
-            flush()
-    flush()
-    incomplete = [by_id[k].name for k in seen if seen[k] < n_lora]
+
+    finished = 0
+    try:
+        for row in ds.iter_rows():
+            if receive(row) and len(covered[row["lora_id"]]) == n_lora:
+                finished += 1
+                finish(row["lora_id"], finished)
+                if finished % commit_every == 0:
+                    flush()
+    finally:  # every finished LoRA is complete: commit it even when the pass fails
+        flush()
+    incomplete = [by_id[k].name for k in covered if len(covered[k]) < n_lora]
     if incomplete:
-        raise RuntimeError(f"the pipeline ended with incomplete LoRAs {incomplete}: nothing of them was committed")
+        raise IncompletePass(f"the pipeline ended with incomplete LoRAs {incomplete}: nothing of them was committed")
 
 
 # ---- in-process reference --------------------------------------------------------------------------

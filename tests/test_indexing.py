@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from carlos_ray.indexing import collect_sources, run_index, signatures_in_process
@@ -91,51 +86,6 @@ def test_manifest_and_tables(built_index, tiny_config):
     sig = snap.signatures()
     assert len(set(sig.column("lora_id").to_pylist())) == sig.num_rows
     assert set(m["thresholds"]) >= {"max_strength", "min_consistency", "source"}
-
-
-def test_resume_after_kill_and_duplicates(ray_session, built_index, tiny_config, zoo_dir, tmp_path):
-    """Kill a real indexing process after its first committed LoRA, re-run: same rows, no duplicates."""
-    import ray
-
-    src = tmp_path / "src"
-    shutil.copytree(zoo_dir, src)
-    shutil.copy(src / "twin_a.safetensors", src / "twin_a_copy.safetensors")  # same bytes: indexed once
-    idx = tmp_path / "idx"
-    address = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "carlos_ray.cli", "index", "--config", "conf/tiny.yaml", "--loras", str(src),
-           "--index", str(idx), "--address", address]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    killed = False
-    for line in proc.stdout:
-        if line.startswith("committed 1 signatures"):
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        if time.time() > deadline:
-            break
-    proc.kill()
-    proc.wait(timeout=60)
-    assert killed, "the indexing process never reported a finished LoRA"
-    partial = _rows(str(idx))
-    assert 1 <= len(partial) < 10
-
-    s = run_index(tiny_config, [str(src)], str(idx))
-    assert s.duplicates == 1
-    assert s.skipped == len(partial)
-    assert s.indexed == 10 - len(partial)
-    final = _rows(str(idx))
-    full = _rows(built_index["index"])
-    assert set(final) == set(full)
-    for lid, r in final.items():
-        np.testing.assert_allclose(r["direction"], full[lid]["direction"], atol=1e-6)
-        assert r["strength"] == pytest.approx(full[lid]["strength"], abs=1e-6)
-    # every part file the manifest lists holds each LoRA once
-    sig = Index(str(idx)).snapshot().signatures()
-    assert sig.num_rows == len(set(sig.column("lora_id").to_pylist())) == 10
-
-    again = run_index(tiny_config, [str(src)], str(idx))
-    assert again.indexed == 0 and again.skipped == 10 and again.images_generated == 0
 
 
 def test_other_config_refuses_same_index(built_index, tiny_config):
