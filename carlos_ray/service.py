@@ -83,6 +83,8 @@ class ServeArgs(StrictModel):
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most queries the encoder replica encodes in one batch (`@serve.batch`).")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="How long a batch waits to fill up before it runs.")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Per-request time limit inside the app; beyond it the answer is 503.")
+    max_body_bytes: int = Field(65536, ge=1024, le=64 << 20, description="Largest request body; a longer one is refused with 413.")
+    max_url_chars: int = Field(4096, ge=256, le=1 << 20, description="Longest path plus query string; a longer one is refused with 414.")
     encoder_replicas: int = Field(1, ge=1, le=1024, description="Replicas of the query-encoder deployment.")
     ranker_replicas: int = Field(1, ge=1, le=1024, description="Replicas of the ranker deployment.")
     encoder_num_cpus: float = Field(1.0, ge=0, le=256, description="CPUs reserved per encoder replica.")
@@ -166,6 +168,8 @@ class IndexResponse(BaseModel):
     dim: int = Field(..., description="Width of the signature directions.")
     max_k: int
     max_batch_queries: int
+    max_body_bytes: int = Field(..., description="Largest request body accepted (413 beyond).")
+    max_url_chars: int = Field(..., description="Longest path plus query string accepted (414 beyond).")
     search_available: bool
     search_unavailable_reason: str | None = None
     encoder_stats: dict[str, Any] | None = Field(None, description="Encoder replica counters (batches, queries, largest batch).")

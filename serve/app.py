@@ -62,6 +62,62 @@ MAX_S_DOC = "Keep LoRAs with strength <= this; a number >= 0, `inf` for no stren
 MIN_C_DOC = "Keep LoRAs with consistency >= this; a number from 0 to 1. Default: the index's."
 
 
+class RequestLimits:
+    """ASGI middleware: refuse an over-long URL (414) or body (413) before any handler runs.
+
+    The body is read here, up to the limit, and replayed to the app; a client that announces or sends more
+    is answered at once, without buffering the rest."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        max_url, max_body = getattr(api.state, "limits", (4096, 65536))
+        url_chars = len(scope.get("path", "")) + len(scope.get("query_string", b""))
+        if url_chars > max_url:
+            return await _send_error(send, 414, "uri_too_long", f"the path and query string have {url_chars} characters; "
+                                     f"the limit is {max_url}; send long input in a POST /search body")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = f"the request body is larger than {max_body} bytes"
+        if length is not None:
+            try:
+                if int(length) > max_body:
+                    return await _send_error(send, 413, "body_too_large", too_big)
+            except ValueError:
+                return await _send_error(send, 400, "bad_request", "Content-Length is not a number")
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > max_body:
+                return await _send_error(send, 413, "body_too_large", too_big)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(send: Any, status: int, error: str, detail: str) -> None:
+    response = JSONResponse(status_code=status, content={"error": error, "detail": detail}, headers={"Connection": "close"})
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+api.add_middleware(RequestLimits)
+
+
 @api.exception_handler(ServiceError)
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -168,6 +224,7 @@ class Ingress:
         self.timeout = float(settings["request_timeout_s"])
         self.admin_digest = settings.get("admin_token_sha256")
         self.admin_env = settings["admin_token_env"]
+        api.state.limits = (int(settings["max_url_chars"]), int(settings["max_body_bytes"]))  # read by RequestLimits
         self._encoder_info: dict | None = None
 
     async def _call(self, response: Any) -> Any:
@@ -249,7 +306,9 @@ class Ingress:
     async def index(self) -> dict:
         summary = await self._call(self.ranker.summary.remote())
         enc = await self._call(self.encoder.info.remote())
+        max_url, max_body = api.state.limits
         return {**summary, "max_k": self.max_k, "max_batch_queries": self.max_batch_queries,
+                "max_body_bytes": max_body, "max_url_chars": max_url,
                 "search_available": enc["available"], "search_unavailable_reason": enc["reason"],
                 "encoder_stats": {key: enc[key] for key in ("batches", "queries", "max_batch", "fast_path", "dim")}}
 
@@ -278,6 +337,7 @@ def build_app(args: ServeArgs) -> serve.Application:
     token = os.environ.get(args.admin_token_env)
     settings = {
         "max_k": args.max_k, "max_batch_queries": args.max_batch_queries, "request_timeout_s": args.request_timeout_s,
+        "max_body_bytes": args.max_body_bytes, "max_url_chars": args.max_url_chars,
         "admin_token_env": args.admin_token_env, "admin_token_sha256": token_digest(token) if token else None,
     }
     logger.info("serving index %s version %s", index_uri, manifest.get("version"))
