@@ -111,22 +111,18 @@ def import_reference(path: str | Path, index_uri: str, *, force: bool = False) -
         raise IndexError_(f"index path {index.uri} exists and is not a directory")
     with index:
         replace = _check_target(index, fields["config_hash"], force)
-        commit_fields = dict(fields)
-        if replace:
-            try:  # keep version numbers increasing across the replacement (readers may key caches on them)
-                commit_fields["version"] = int(index.read_manifest().get("version", 0))
-            except (IndexError_, TypeError, ValueError):
-                pass
-            index.fs.delete_file(f"{index.root}/{MANIFEST}")
-        index.init(fields)
-        before = index.snapshot().indexed_ids()
-        new_rows = [i for i, x in enumerate(table["lora_id"].to_pylist()) if x not in before]
-        # only new rows are handed to commit (an idempotent re-import commits the fields alone)
-        tables = {"signatures": table.take(pa.array(new_rows, pa.int64()))} if new_rows else {}
-        manifest = index.commit(tables, fields=commit_fields)
-        if replace:
-            removed = index.collect_garbage(manifest)
-            logger.info("removed %d parts of the replaced index", removed)
+        if replace:  # one manifest write swaps the whole index: readers see the old one or the new one
+            new_rows = list(range(table.num_rows))
+            manifest = index.replace(fields, {"signatures": table})
+            removed = index.collect_garbage(manifest, retention_s=0)  # replaced on request: no need to keep old parts
+            logger.info("removed %d files of the replaced index", removed)
+        else:
+            index.init(fields)
+            before = index.snapshot().indexed_ids()
+            new_rows = [i for i, x in enumerate(table["lora_id"].to_pylist()) if x not in before]
+            # only new rows are handed to commit (an idempotent re-import commits the fields alone)
+            tables = {"signatures": table.take(pa.array(new_rows, pa.int64()))} if new_rows else {}
+            manifest = index.commit(tables, fields=fields)
     added = len(new_rows)
     summary = {
         "index": str(index_uri),

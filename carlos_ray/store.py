@@ -13,7 +13,9 @@ Commits are atomic: parts are immutable and written first under fresh names; the
 is then swapped in by a single rename (local) or a single object PUT (object stores). A reader loads
 the manifest once and reads exactly the parts it lists, so it sees the previous or the new index,
 never a partial one. Parts no manifest lists (left by an interrupted commit) are ignored and
-garbage-collected by `compact()`.
+garbage-collected by `compact()`. Parts a compaction or a replacement drops are listed as `retired`
+and deleted only after `retention_s` (default 10 minutes), so a reader that loaded the previous
+manifest just before can still read every part it names.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 TABLES = ("signatures", "rejects", "diffs", "thumbs")
 MANIFEST = "manifest.json"
+RETENTION_S = 600.0  # how long dropped parts outlive the manifest that stopped listing them
 
 REJECT_SCHEMA = pa.schema(
     [
@@ -173,7 +176,17 @@ class Index:
         rel = f"data/{name}/part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
         self.fs.create_dir(f"{self.root}/data/{name}", recursive=True)
         pq.write_table(table, f"{self.root}/{rel}", filesystem=self.fs, compression="zstd")
+        self._fsync_file(rel)
         return rel
+
+    def _fsync_file(self, rel: str) -> None:
+        """Local parts reach the disk before a manifest names them (a power cut cannot leave a dangling name)."""
+        if self.local:
+            fd = os.open(f"{self.root}/{rel}", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _write_manifest(self, manifest: dict) -> None:
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
@@ -240,6 +253,7 @@ class Index:
             rel = f"data/base/{key}-{uuid.uuid4().hex[:8]}.parquet"
             self.fs.create_dir(f"{self.root}/data/base", recursive=True)
             pq.write_table(table, f"{self.root}/{rel}", filesystem=self.fs, compression="zstd")
+            self._fsync_file(rel)
             m["base"] = {**m.get("base", {}), key: rel}
         m["parts"] = new_parts
         m.update(fields or {})
@@ -255,8 +269,8 @@ class Index:
         self._write_manifest(m)
         return m
 
-    def compact(self) -> dict:
-        """Merge each table's parts into one and delete files no manifest lists any more."""
+    def compact(self, retention_s: float = RETENTION_S) -> dict:
+        """Merge each table's parts into one; the old parts are retired, and deleted after `retention_s`."""
         m = self.read_manifest()
         snap = Snapshot(m, self.root, self.fs)
         parts = {}
@@ -264,25 +278,68 @@ class Index:
             t = snap.table(name)
             parts[name] = [self._write_part(name, t)] if t is not None and t.num_rows else []
         counts = {**m.get("counts", {}), "parts": sum(len(v) for v in parts.values())}
-        m = {**m, "parts": parts, "counts": counts, "version": int(m["version"]) + 1, "updated_at": now_iso()}
+        m = {**m, "parts": parts, "counts": counts, "version": int(m["version"]) + 1, "updated_at": now_iso(),
+             "retired": _retire(m, parts, m.get("base", {}))}
         self._write_manifest(m)
-        self.collect_garbage(m)
+        self.collect_garbage(m, retention_s=retention_s)
         return m
 
-    def collect_garbage(self, manifest: dict | None = None) -> int:
-        """Delete part files the current manifest does not list (interrupted commits, compacted parts)."""
+    def replace(self, fields: dict, tables: dict[str, pa.Table | None] | None = None) -> dict:
+        """Swap in a whole new index (new fields, only `tables`) in one manifest write; the old parts are retired."""
+        try:
+            old = self.read_manifest()
+        except IndexError_:  # missing or unreadable: nothing to retire
+            old = {"version": 0, "parts": {}, "base": {}}
+        parts = {t: [] for t in TABLES}
+        for name, t in (tables or {}).items():
+            if name not in TABLES:
+                raise ValueError(f"unknown index table {name!r}; valid: {TABLES}")
+            if t is not None and t.num_rows:
+                parts[name].append(self._write_part(name, t))
+        sig, rej = (tables or {}).get("signatures"), (tables or {}).get("rejects")
+        m = {"schema_version": SCHEMA_VERSION, "created_at": now_iso(), "updated_at": now_iso(),
+             "version": int(old.get("version", 0)) + 1, "parts": parts, "base": {}, **fields,
+             "counts": {"signatures": 0 if sig is None else sig.num_rows, "rejects": 0 if rej is None else rej.num_rows,
+                        "parts": sum(len(v) for v in parts.values())},
+             "retired": _retire(old, parts, {})}
+        self._write_manifest(m)
+        return m
+
+    def collect_garbage(self, manifest: dict | None = None, retention_s: float = RETENTION_S) -> int:
+        """Delete files the manifest does not list: retired parts and leftovers of interrupted commits
+        (parts, temporary manifests), once older than `retention_s`. Run it under the writer lock."""
         m = manifest or self.read_manifest()
         live = {p for ps in m["parts"].values() for p in ps} | set(m.get("base", {}).values())
+        retired = m.get("retired", {})
+        now = time.time()
         removed = 0
         sel = pafs.FileSelector(f"{self.root}/data", recursive=True, allow_not_found=True)
-        for info in self.fs.get_file_info(sel):
-            if info.type != pafs.FileType.File:
-                continue
+        files = [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        root_files = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False, allow_not_found=True))
+        files += [i for i in root_files if i.base_name.startswith(f".{MANIFEST}.") and i.base_name.endswith(".tmp")]
+        for info in files:
             rel = info.path[len(self.root) + 1 :] if info.path.startswith(self.root) else info.path
-            if rel not in live:
+            if rel in live:
+                continue
+            since = retired.get(rel)
+            if since is None:  # never listed: use the file's own age
+                since = info.mtime.timestamp() if info.mtime is not None else 0.0
+            if now - since >= retention_s:
                 self.fs.delete_file(info.path)
                 removed += 1
         return removed
+
+
+def _retire(old: dict, parts: dict, base: dict) -> dict[str, float]:
+    """The `retired` map of a manifest that replaces `old`: its dropped files, with the time they were dropped."""
+    live = {p for ps in parts.values() for p in ps} | set(base.values())
+    now = time.time()
+    # entries past the retention fall back to the file's own (older) age in collect_garbage: the map stays small
+    retired = {p: t for p, t in (old.get("retired") or {}).items() if p not in live and now - t < RETENTION_S}
+    for p in [p for ps in (old.get("parts") or {}).values() for p in ps] + list((old.get("base") or {}).values()):
+        if p not in live:
+            retired.setdefault(p, now)
+    return retired
 
 
 def rejects_table(rows: Iterable[dict], config_hash: str) -> pa.Table:

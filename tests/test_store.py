@@ -58,9 +58,10 @@ def test_reader_never_sees_a_partial_commit(index, monkeypatch):
     assert snap.signatures().column("lora_id").to_pylist() == ["a"]
     assert snap.rejects().num_rows == 0
     # the orphaned parts are garbage, and compaction removes them
-    assert index.collect_garbage() == 2
+    assert index.collect_garbage() == 0  # younger than the retention: a writer could still be naming them
+    assert index.collect_garbage(retention_s=0) == 2
     index.commit({"signatures": _sig(["b"])})
-    m = index.compact()
+    m = index.compact(retention_s=0)
     assert m["counts"]["parts"] == 1
     assert sorted(index.snapshot().signatures().column("lora_id").to_pylist()) == ["a", "b"]
     files = [f for _, _, fs in os.walk(os.path.join(index.root, "data")) for f in fs]
@@ -118,3 +119,113 @@ def test_missing_and_foreign_schema(tmp_path):
     (d / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(IndexError_, match="schema version"):
         Index(str(d)).read_manifest()
+
+
+# ---- an index write interrupted at every step ------------------------------------------------------------
+class _Faulty:
+    """A stand-in for a module (os, pyarrow.parquet) whose file-system calls fail at the n-th call overall."""
+
+    def __init__(self, module, names, counter):
+        self._module, self._names, self._counter = module, names, counter
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if name not in self._names:
+            return attr
+
+        def call(*args, **kwargs):
+            self._counter["n"] += 1
+            if self._counter["n"] == self._counter["fail_at"]:
+                raise OSError(f"injected failure at step {self._counter['n']} ({name})")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _inject(monkeypatch, fail_at: int) -> dict:
+    import builtins
+
+    import pyarrow.parquet as pq
+
+    import carlos_ray.store as store
+
+    counter = {"n": 0, "fail_at": fail_at}
+    monkeypatch.setattr(store, "os", _Faulty(os, {"fsync", "replace", "open", "close"}, counter))
+    monkeypatch.setattr(store, "pq", _Faulty(pq, {"write_table"}, counter))
+    monkeypatch.setattr(store, "open", _Faulty(builtins, {"open"}, counter).open, raising=False)
+    return counter
+
+
+def _state(uri: str) -> dict:
+    snap = Index(uri).snapshot()
+    m = snap.manifest
+    sig = snap.signatures()
+    return {"version": m["version"], "ids": sorted(sig.column("lora_id").to_pylist()) if sig is not None else [],
+            "rejects": snap.rejects().column("path").to_pylist(), "base": sorted(m.get("base", {})),
+            "note": m.get("note"), "counts": m["counts"]}
+
+
+def _base_table():
+    return pa.table({"prompt_idx": [0], "seed_idx": [0], "finite": [True], "embedding": [[1.0, 2.0]]})
+
+
+@pytest.mark.parametrize("operation", ["commit", "compact", "replace"])
+def test_a_write_interrupted_at_any_step_leaves_the_previous_index(index, monkeypatch, operation):
+    index.commit({"signatures": _sig(["a"])}, base=("k1", _base_table()))
+    index.commit({"signatures": _sig(["b"])})
+    before = _state(index.uri)
+    steps = 0
+    for fail_at in range(1, 100):
+        counter = _inject(monkeypatch, fail_at)
+        try:
+            if operation == "commit":
+                index.commit({"signatures": _sig(["c"]), "rejects": rejects_table([{"path": "x", "code": "c", "reason": "r"}], "abc")},
+                             base=("k2", _base_table()), fields={"note": "new"})
+            elif operation == "compact":
+                index.compact(retention_s=0)
+            else:
+                index.replace({"config_hash": "abc", "note": "new"}, {"signatures": _sig(["z"])})
+            failed = False
+        except OSError as e:
+            assert "injected failure" in str(e)
+            failed = True
+        finally:
+            monkeypatch.undo()
+        after = _state(index.uri)  # always readable, by a fresh reader
+        if failed:
+            assert after == before, (fail_at, after)
+            for t in ("signatures", "rejects"):
+                Index(index.uri).snapshot().table(t)  # every listed part is there
+            continue
+        steps = counter["n"]
+        break
+    else:
+        pytest.fail("the operation never completed")
+    print(f"{operation}: interrupted at each of {steps} steps")
+    assert steps >= 3, f"{operation} had only {steps} failure points"
+    after = _state(index.uri)
+    assert after["version"] == before["version"] + 1
+    expected_ids = {"commit": ["a", "b", "c"], "compact": ["a", "b"], "replace": ["z"]}[operation]
+    assert after["ids"] == expected_ids
+    if operation == "commit":
+        assert after["base"] == ["k1", "k2"] and after["rejects"] == ["x"] and after["note"] == "new"
+    # the leftovers of the interrupted attempts are garbage, removed once past the retention
+    index.collect_garbage(retention_s=0)
+    live = {p for ps in index.read_manifest()["parts"].values() for p in ps} | set(index.read_manifest()["base"].values())
+    on_disk = {os.path.relpath(os.path.join(d, f), index.root) for d, _, fs in os.walk(os.path.join(index.root, "data"))
+               for f in fs}
+    assert on_disk == live
+    assert not [f for f in os.listdir(index.root) if f.endswith(".tmp")]
+
+
+def test_a_reader_of_the_previous_version_survives_compaction(index):
+    for v in range(3):
+        index.commit({"signatures": _sig([f"id{v}"])})
+    old = Index(index.uri).snapshot()  # a reader loaded the manifest ...
+    index.compact()  # ... then a writer compacted: the old parts are retired, not deleted
+    assert sorted(old.signatures().column("lora_id").to_pylist()) == ["id0", "id1", "id2"]
+    m = index.read_manifest()
+    assert len(m["retired"]) == 3 and m["counts"]["parts"] == 1
+    assert index.collect_garbage() == 0  # within the retention
+    assert index.collect_garbage(retention_s=0) == 3
+    assert sorted(Index(index.uri).snapshot().signatures().column("lora_id").to_pylist()) == ["id0", "id1", "id2"]
