@@ -118,7 +118,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     for src in args.loras:
         if not Path(src).exists():
             raise UsageError(f"LoRA source not found: {src}")
-    s = run_index(cfg, args.loras, args.index, address=args.address, max_loras=args.max_loras)
+    s = run_index(cfg, args.loras, args.index, address=args.address, max_loras=args.max_loras,
+                  retry_rejected=args.retry_rejected)
     if s.rejects:
         print("\nrejected:")
         print(_table([{"file": Path(r["path"] or "?").name, "code": r["code"], "reason": r["reason"][:120]}
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--index", required=True, help="index directory or URI")
     x.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     x.add_argument("--max-loras", type=int, default=None, help="index at most this many new LoRAs, then stop")
+    x.add_argument("--retry-rejected", action="store_true",
+                   help="run again the LoRAs an earlier run rejected (bad samples, failed load, worker crashes)")
     x.set_defaults(func=cmd_index)
 
     d = sub.add_parser("demo", help="the whole mission on the embedded tiny default, no network")

@@ -135,6 +135,9 @@ class ResourcesSpec(StrictModel):
         3, ge=0, le=100, description="Retries of an actor task lost to a dead or unreachable actor (Ray `max_task_retries`; "
         "Ray Data's default is unbounded, which lets a crash loop hang a job).")
     max_restarts: int = Field(3, ge=0, le=100, description="Restarts of a dead actor, e.g. killed or OOM (Ray `max_restarts`).")
+    max_worker_crashes: int = Field(
+        2, ge=1, le=100, description="A LoRA in flight when its generation actor died this many times (OOM, native "
+        "crash) is quarantined: rejected as `worker_crashed` while the rest of the job goes on.")
     pass_retries: int = Field(
         2, ge=0, le=100, description="Re-runs of the LoRA pass after a Ray system failure (node lost, actor unreachable, object "
         "lost) in a row without a LoRA finishing in between; committed LoRAs are never redone.")

@@ -196,17 +196,92 @@ def _setup_worker(torch_threads: int | None) -> None:
     _quiet_libraries()
 
 
+class InflightRegistry:
+    """Which LoRA each generation actor is working on, kept by a small actor on the driver's node.
+
+    An actor that Ray restarts reports in from `__init__`; the LoRA its previous incarnation had in flight
+    gets a crash. A LoRA with `max_crashes` crashes is quarantined: the stage emits an error for it instead of
+    running it again, and the driver rejects it as `worker_crashed` while the rest of the job goes on."""
+
+    def __init__(self, max_crashes: int):
+        self.max_crashes = max_crashes
+        self.inflight: dict[str, tuple[str, int]] = {}  # Ray actor id (stable across restarts) -> (lora_id, pid)
+        self.crashes: dict[str, int] = defaultdict(int)
+
+    def actor_started(self, actor_id: str) -> str | None:
+        previous = self.inflight.pop(actor_id, None)
+        if previous is None:
+            return None
+        self.crashes[previous[0]] += 1
+        return previous[0]
+
+    def begin(self, actor_id: str, pid: int, lora_id: str) -> int | None:
+        """None: go ahead; else the LoRA's crash count (it is quarantined, do not run it)."""
+        if self.crashes[lora_id] >= self.max_crashes:
+            return self.crashes[lora_id]
+        self.inflight[actor_id] = (lora_id, pid)
+        return None
+
+    def end(self, actor_id: str, lora_id: str) -> None:
+        if self.inflight.get(actor_id, ("",))[0] == lora_id:
+            del self.inflight[actor_id]
+
+    def state(self) -> dict:
+        return {"inflight": dict(self.inflight), "crashes": dict(self.crashes)}
+
+
+REGISTRY_PREFIX = "carlos-ray-inflight-"
+WORKER_CRASHED = "worker_crashed"
+
+
+def start_registry(max_crashes: int):
+    """The registry actor of one indexing run, pinned to the driver's node (it lives and dies with the job)."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return ray.remote(InflightRegistry).options(
+        name=REGISTRY_PREFIX + uuid.uuid4().hex[:12], num_cpus=0, max_restarts=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    ).remote(max_crashes)
+
+
 class GenerateImages:
     """Ray Data stage: (lora_id, lora_path, prompt, seed) rows -> images at encoder size (uint8)."""
 
     REQUIRED = ("lora_id", "lora_path", "prompt", "seed")
 
-    def __init__(self, generator_spec: dict, output_size: int, torch_threads: int | None = None):
+    def __init__(self, generator_spec: dict, output_size: int, torch_threads: int | None = None, registry: Any = None):
         from carlos_ray.config import GeneratorSpec
         from carlos_ray.models import create_generator
 
         _setup_worker(torch_threads)
+        self.registry = registry
+        self.actor_id = ""
+        if registry is not None:
+            import ray
+
+            self.actor_id = ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+            lost = self._registry_call("actor_started", self.actor_id)
+            if lost:
+                logger.warning("this generation actor was restarted; its previous process died while generating "
+                               "with LoRA %s", lost)
         self.gen = create_generator(GeneratorSpec(**generator_spec), output_size)
+
+    def _registry_call(self, method: str, *args: Any) -> Any:
+        """A blocking call to the registry; without a registry (or if it is gone) quarantine is simply off."""
+        if self.registry is None:
+            return None
+        import ray
+
+        try:
+            return ray.get(getattr(self.registry, method).remote(*args), timeout=60)
+        except Exception as e:  # noqa: BLE001 - the registry is an aid, never a reason to fail a batch
+            logger.warning("in-flight registry unavailable (%s); quarantine of crashing LoRAs is off", e)
+            self.registry = None
+            return None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [c for c in self.REQUIRED if c not in batch]
@@ -225,6 +300,12 @@ class GenerateImages:
             while end < n and ids[end] == ids[start]:
                 end += 1
             lid = ids[start]
+            crashes = self._registry_call("begin", self.actor_id, os.getpid(), lid) if lid else None
+            if crashes:
+                errors[start:end] = (f"{WORKER_CRASHED}: generating with this LoRA killed its worker process {crashes} "
+                                     "times (out of memory, a crash in native code, or a kill); quarantined")
+                start = end
+                continue
             try:
                 self.gen.activate(lid or None, str(batch["lora_path"][start]) or None)
                 imgs, ok = self.gen.generate([str(p) for p in batch["prompt"][start:end]], [int(s) for s in batch["seed"][start:end]])
@@ -232,6 +313,8 @@ class GenerateImages:
             except Exception as e:  # a file that passed inspection but fails to load: reject that LoRA only
                 logger.warning("generation failed for LoRA %s: %s", lid, e)
                 errors[start:end] = f"{type(e).__name__}: {e}"[:500]
+            if lid:
+                self._registry_call("end", self.actor_id, lid)
             start = end
         out = {k: v for k, v in batch.items() if k not in ("prompt", "lora_path")}
         out.update(image=images, finite=finite, error=errors,
@@ -435,12 +518,13 @@ def signatures_table(rows: list[dict]) -> pa.Table:
     return conform_signatures(pa.Table.from_pylist(rows, schema=SIGNATURE_SCHEMA))
 
 
-def _generate_and_embed(ds, plan: IndexPlan, base: np.ndarray | None):
+def _generate_and_embed(ds, plan: IndexPlan, base: np.ndarray | None, registry: Any = None):
     """The two actor-pool stages; `base=None` is the base pass (raw embeddings, no diffs)."""
     cfg = plan.cfg
     ds = _map_batches(ds, GenerateImages, fn_constructor_kwargs=dict(
         generator_spec=cfg.generator.model_dump(), output_size=plan.image_size,
-        torch_threads=cfg.resources.generate.torch_threads), **_stage_kwargs(cfg.resources.generate, cfg))
+        torch_threads=cfg.resources.generate.torch_threads, registry=registry),
+        **_stage_kwargs(cfg.resources.generate, cfg))
     return _map_batches(ds, EmbedDiff, fn_constructor_kwargs=dict(
         encoder_spec=cfg.encoder.model_dump(), n_prompts=len(plan.prompts), base=base,
         keep_diffs=cfg.indexing.keep_diffs and base is not None, keep_thumbnails=cfg.indexing.keep_thumbnails,
@@ -492,8 +576,12 @@ def run_index(
     commit_every: int = 1,
     max_loras: int | None = None,
     on_lora: Callable[[dict], None] | None = None,
+    retry_rejected: bool = False,
 ) -> IndexSummary:
-    """Index every LoRA in `sources` into `index_uri`; resumable and exactly-once."""
+    """Index every LoRA in `sources` into `index_uri`; resumable and exactly-once.
+
+    A LoRA already indexed, or already rejected by an earlier run under the same configuration hash (bad
+    samples, failed load, quarantine), is skipped; `retry_rejected` runs the rejected ones again."""
     from carlos_ray.models.generator import generator_lora_targets
 
     t0 = time.time()
@@ -504,9 +592,17 @@ def run_index(
         index.init(plan.manifest_fields())
         jobs, rejects, summary.duplicates = collect_sources(sources, generator_lora_targets(cfg.generator))
         summary.inspect_seconds = time.time() - t0
-        done = index.snapshot().indexed_ids()
-        todo = [j for j in jobs if j.lora_id not in done]
+        snap = index.snapshot()
+        done = snap.indexed_ids()
+        rej = snap.rejects()
+        rejected = set() if retry_rejected else {
+            sha for sha, ch in zip(rej.column("sha256").to_pylist(), rej.column("config_hash").to_pylist())
+            if sha and ch == plan.config_hash}
+        todo = [j for j in jobs if j.lora_id not in done and j.sha256 not in rejected]
         summary.skipped = len(jobs) - len(todo)
+        if rejected & {j.sha256 for j in jobs}:
+            logger.info("%d LoRAs were rejected by an earlier run and are skipped (retry_rejected / --retry-rejected "
+                        "runs them again)", len(rejected & {j.sha256 for j in jobs}))
         if max_loras is not None:
             todo = todo[:max_loras]
         known_rejects = set(index.snapshot().rejects().column("path").to_pylist())
@@ -571,12 +667,22 @@ def _lora_pass_with_retries(plan: IndexPlan, index: Index, todo: list[LoraJob], 
     not enough (a node lost with a task in flight), the whole pass fails. Every finished LoRA was already committed,
     so a re-run over the rest loses and duplicates nothing. Retries stop after `resources.pass_retries` failures in
     a row with no LoRA finished, so a cluster that cannot make progress fails the job instead of looping."""
-    remaining = list(todo)
+    import ray
+
+    registry = start_registry(plan.cfg.resources.max_worker_crashes)  # quarantines LoRAs that crash their actor
+    try:
+        _retry_loop(plan, index, list(todo), base, summary, commit_every, on_lora, registry)
+    finally:
+        ray.kill(registry)
+
+
+def _retry_loop(plan: IndexPlan, index: Index, remaining: list[LoraJob], base: np.ndarray, summary: IndexSummary,
+                commit_every: int, on_lora: Callable[[dict], None] | None, registry: Any) -> None:
     stalled = 0
     while True:
         finished: set[str] = set()
         try:
-            _run_lora_pass(plan, index, remaining, base, summary, commit_every, on_lora, finished)
+            _run_lora_pass(plan, index, remaining, base, summary, commit_every, on_lora, finished, registry)
             return
         except Exception as e:
             if not is_system_failure(e):
@@ -594,7 +700,8 @@ def _lora_pass_with_retries(plan: IndexPlan, index: Index, todo: list[LoraJob], 
 
 
 def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.ndarray, summary: IndexSummary,
-                   commit_every: int, on_lora: Callable[[dict], None] | None, finished_ids: set[str]) -> None:
+                   commit_every: int, on_lora: Callable[[dict], None] | None, finished_ids: set[str],
+                   registry: Any = None) -> None:
     """One streaming pass over `todo`; each LoRA is committed once all its samples are in (ids go to `finished_ids`)."""
     import ray.data
 
@@ -603,7 +710,7 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
     n_lora = plan.samples_per_lora
     rows = plan.rows(todo)
     blocks = max(1, len(rows) // (cfg.indexing.lora_block_rows or n_lora))
-    ds = _generate_and_embed(ray.data.from_items(rows, override_num_blocks=blocks), plan, base=base)
+    ds = _generate_and_embed(ray.data.from_items(rows, override_num_blocks=blocks), plan, base=base, registry=registry)
 
     by_id = {j.lora_id: j for j in todo}
     acc: dict[str, PartialStats] = {}
@@ -659,7 +766,9 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
         job = by_id[lid]
         summary.images_generated += n_lora
         reject = None
-        if lid in errors:
+        if lid in errors and errors[lid].startswith(WORKER_CRASHED + ":"):
+            reject = (WORKER_CRASHED, errors[lid].split(":", 1)[1].strip())
+        elif lid in errors:
             reject = ("load_failed", f"the adapter failed to load or run: {errors[lid]}")
         elif nonfinite[lid] / n_lora > cfg.indexing.max_nonfinite_fraction:
             reject = ("nonfinite_samples", f"{nonfinite[lid]} of {n_lora} images or embeddings were non-finite "

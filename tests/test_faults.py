@@ -93,6 +93,63 @@ def test_generation_actor_killed_mid_job_is_restarted_and_signatures_stay_exact(
     _assert_same_signatures(_rows(str(tmp_path / "idx")), _rows(built_index["index"]), _zoo_ids(built_index, zoo_dir))
 
 
+def test_a_lora_that_kills_its_worker_every_time_is_quarantined(ray_session, built_index, tiny_config, zoo_dir,
+                                                                tmp_path):
+    """Every process that starts generating with one chosen LoRA is SIGKILLed at once, as an OOM or a native crash
+    would do: that LoRA is rejected as `worker_crashed`, the other nine are indexed exactly, the job completes."""
+    import hashlib
+
+    import ray
+
+    from carlos_ray.indexing import REGISTRY_PREFIX
+
+    poison = Path(zoo_dir) / "erratic.safetensors"
+    poison_id = hashlib.sha256(poison.read_bytes()).hexdigest()[:16]
+    killed: list[int] = []
+    done = threading.Event()
+
+    def killer() -> None:  # watches the run's in-flight registry, the way an operator could
+        registry = None
+        while not done.is_set():
+            try:
+                if registry is None:
+                    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                             if a["name"].startswith(REGISTRY_PREFIX)]
+                    registry = ray.get_actor(names[0]) if names else None
+                else:
+                    for lid, pid in ray.get(registry.state.remote())["inflight"].values():
+                        if lid == poison_id and pid not in killed:
+                            killed.append(pid)
+                            os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, ValueError, ray.exceptions.RayActorError):
+                pass
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        summary = run_index(tiny_config, [str(zoo_dir)], str(tmp_path / "idx"))
+    finally:
+        done.set()
+        thread.join(timeout=10)
+    assert len(killed) >= tiny_config.resources.max_worker_crashes, killed
+    rejects = {r["path"]: r for r in summary.rejects}
+    assert list(rejects) == [str(poison.resolve())]
+    r = rejects[str(poison.resolve())]
+    assert r["code"] == "worker_crashed" and "killed its worker process" in r["reason"]
+    stored = Index(str(tmp_path / "idx")).snapshot().rejects().to_pylist()
+    assert [(x["path"], x["code"]) for x in stored] == [(str(poison.resolve()), "worker_crashed")]
+    assert summary.indexed == 9
+    ids = _zoo_ids(built_index, zoo_dir) - {poison_id}
+    _assert_same_signatures(_rows(str(tmp_path / "idx")), _rows(built_index["index"]), ids)
+    # a re-run does not try the quarantined LoRA again; asked to, it indexes it (nothing kills it now)
+    again = run_index(tiny_config, [str(zoo_dir)], str(tmp_path / "idx"))
+    assert again.indexed == 0 and again.skipped == 10 and again.images_generated == 0
+    retried = run_index(tiny_config, [str(zoo_dir)], str(tmp_path / "idx"), retry_rejected=True)
+    assert retried.indexed == 1 and retried.skipped == 9
+    _assert_same_signatures(_rows(str(tmp_path / "idx")), _rows(built_index["index"]), ids | {poison_id})
+
+
 def test_job_killed_at_random_points_then_resumed_equals_uninterrupted_run(ray_session, built_index, tiny_config,
                                                                             zoo_dir, tmp_path):
     """SIGKILL the indexing process at seeded random moments, three times, then run to the end."""
@@ -201,7 +258,7 @@ def test_pass_retries_resume_the_rest_and_stop_when_nothing_progresses(monkeypat
     monkeypatch.setattr(ix.time, "sleep", lambda s: None)
     calls: list[list[str]] = []
 
-    def flaky(plan, index, todo, base, summary, commit_every, on_lora, finished):
+    def flaky(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
         calls.append([j.lora_id for j in todo])
         if len(calls) == 1:
             finished.add(todo[0].lora_id)  # one LoRA committed, then a node is lost
@@ -212,20 +269,20 @@ def test_pass_retries_resume_the_rest_and_stop_when_nothing_progresses(monkeypat
     monkeypatch.setattr(ix, "_run_lora_pass", flaky)
     plan = type("Plan", (), {"cfg": tiny_config})()
     summary = ix.IndexSummary()
-    ix._lora_pass_with_retries(plan, None, _jobs(3), None, summary, 1, None)
+    ix._retry_loop(plan, None, _jobs(3), None, summary, 1, None, None)
     assert calls == [["id0", "id1", "id2"], ["id1", "id2"], ["id1", "id2"]]
     assert summary.pass_retries == 2
 
-    def always_down(plan, index, todo, base, summary, commit_every, on_lora, finished):
+    def always_down(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
         raise ActorDiedError()
 
     monkeypatch.setattr(ix, "_run_lora_pass", always_down)
     with pytest.raises(RuntimeError, match="3 times in a row without finishing a LoRA"):
-        ix._lora_pass_with_retries(plan, None, _jobs(2), None, ix.IndexSummary(), 1, None)
+        ix._retry_loop(plan, None, _jobs(2), None, ix.IndexSummary(), 1, None, None)
 
-    def buggy(plan, index, todo, base, summary, commit_every, on_lora, finished):
+    def buggy(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
         raise KeyError("a bug, not a fault")
 
     monkeypatch.setattr(ix, "_run_lora_pass", buggy)
     with pytest.raises(KeyError):  # never retried
-        ix._lora_pass_with_retries(plan, None, _jobs(2), None, ix.IndexSummary(), 1, None)
+        ix._retry_loop(plan, None, _jobs(2), None, ix.IndexSummary(), 1, None, None)
