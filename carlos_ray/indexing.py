@@ -592,7 +592,7 @@ def run_index(
         index.init(plan.manifest_fields())
         jobs, rejects, summary.duplicates = collect_sources(sources, generator_lora_targets(cfg.generator))
         summary.inspect_seconds = time.time() - t0
-        snap = index.snapshot()
+        snap = index.snapshot()  # one read serves the skip lists and the base-cache check below
         done = snap.indexed_ids()
         rej = snap.rejects()
         rejected = set() if retry_rejected else {
@@ -600,12 +600,13 @@ def run_index(
             if sha and ch == plan.config_hash}
         todo = [j for j in jobs if j.lora_id not in done and j.sha256 not in rejected]
         summary.skipped = len(jobs) - len(todo)
-        if rejected & {j.sha256 for j in jobs}:
+        n_rejected_before = sum(j.sha256 in rejected for j in jobs)
+        if n_rejected_before:
             logger.info("%d LoRAs were rejected by an earlier run and are skipped (retry_rejected / --retry-rejected "
-                        "runs them again)", len(rejected & {j.sha256 for j in jobs}))
+                        "runs them again)", n_rejected_before)
         if max_loras is not None:
             todo = todo[:max_loras]
-        known_rejects = set(index.snapshot().rejects().column("path").to_pylist())
+        known_rejects = set(rej.column("path").to_pylist())
         new_rejects = [r for r in rejects if r["path"] not in known_rejects]
         summary.rejects = list(rejects)
         if new_rejects:
@@ -613,7 +614,7 @@ def run_index(
         logger.info("%d LoRAs usable (%d already indexed, %d duplicates), %d rejected",
                     len(jobs), summary.skipped, summary.duplicates, len(rejects))
         ensure_ray(address)
-        had_base = index.snapshot().base(plan.base_key) is not None
+        had_base = snap.base(plan.base_key) is not None  # a rejects commit does not change the base cache
         t1 = time.time()
         base = run_base_pass(plan, index) if todo or not had_base else None
         summary.base_seconds = time.time() - t1

@@ -179,6 +179,15 @@ class Index:
         self._fsync_file(rel)
         return rel
 
+    def _write_parts(self, tables: dict[str, pa.Table | None], parts: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Write each non-empty table as a new part, appended to `parts` (which it returns)."""
+        for name, t in tables.items():
+            if name not in TABLES:
+                raise ValueError(f"unknown index table {name!r}; valid: {TABLES}")
+            if t is not None and t.num_rows:
+                parts[name].append(self._write_part(name, t))
+        return parts
+
     def _fsync_file(self, rel: str) -> None:
         """Local parts reach the disk before a manifest names them (a power cut cannot leave a dangling name)."""
         if self.local:
@@ -241,12 +250,7 @@ class Index:
                 sig = sig.take(pa.array(keep, pa.int64()))
             tables["signatures"] = sig
             counts["signatures"] = len(have) + sig.num_rows
-        new_parts = {t: list(m["parts"].get(t, [])) for t in TABLES}
-        for name, t in tables.items():
-            if name not in TABLES:
-                raise ValueError(f"unknown index table {name!r}; valid: {TABLES}")
-            if t is not None and t.num_rows:
-                new_parts[name].append(self._write_part(name, t))
+        new_parts = self._write_parts(tables, {t: list(m["parts"].get(t, [])) for t in TABLES})
         m = dict(m)
         if base is not None:
             key, table = base
@@ -290,12 +294,7 @@ class Index:
             old = self.read_manifest()
         except IndexError_:  # missing or unreadable: nothing to retire
             old = {"version": 0, "parts": {}, "base": {}}
-        parts = {t: [] for t in TABLES}
-        for name, t in (tables or {}).items():
-            if name not in TABLES:
-                raise ValueError(f"unknown index table {name!r}; valid: {TABLES}")
-            if t is not None and t.num_rows:
-                parts[name].append(self._write_part(name, t))
+        parts = self._write_parts(tables or {}, {t: [] for t in TABLES})
         sig, rej = (tables or {}).get("signatures"), (tables or {}).get("rejects")
         m = {"schema_version": SCHEMA_VERSION, "created_at": now_iso(), "updated_at": now_iso(),
              "version": int(old.get("version", 0)) + 1, "parts": parts, "base": {}, **fields,

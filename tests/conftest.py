@@ -96,6 +96,20 @@ def reference_wheel():
 
 
 @pytest.fixture(scope="session")
+def source_table(reference_wheel):
+    """The reference parquet member read straight from the wheel (independently of carlos_ray.reference)."""
+    import io
+    import zipfile
+
+    import pyarrow.parquet as pq
+
+    from carlos_ray.reference import REFERENCE_MEMBER
+
+    with zipfile.ZipFile(reference_wheel) as zf:
+        return pq.read_table(io.BytesIO(zf.read(REFERENCE_MEMBER)))
+
+
+@pytest.fixture(scope="session")
 def reference_index(reference_wheel, tmp_path_factory):
     """The published reference imported into a fresh index (read-only for tests)."""
     from carlos_ray.importer import import_reference

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -19,13 +18,6 @@ from carlos_ray.ranker import Ranker
 from carlos_ray.reference import REFERENCE_MEMBER, ReferenceFormatError
 from carlos_ray.schema import conform_signatures
 from carlos_ray.store import SCHEMA_VERSION, Index, IndexError_
-
-
-@pytest.fixture(scope="module")
-def source_table(reference_wheel) -> pa.Table:
-    """The parquet member read directly from the wheel (independently of carlos_ray)."""
-    with zipfile.ZipFile(reference_wheel) as zf:
-        return pq.read_table(io.BytesIO(zf.read(REFERENCE_MEMBER)))
 
 
 @pytest.fixture(scope="module")

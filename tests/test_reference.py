@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -25,13 +22,6 @@ from carlos_ray.ranker import (
 )
 from carlos_ray.reference import REFERENCE_MEMBER, ReferenceFormatError, read_reference, strip_html
 from carlos_ray.schema import SIGNATURE_SCHEMA
-
-@pytest.fixture(scope="session")
-def source_table(reference_wheel) -> pa.Table:
-    """The parquet member read directly (independently of carlos_ray.reference)."""
-    with zipfile.ZipFile(reference_wheel) as zf:
-        return pq.read_table(io.BytesIO(zf.read(REFERENCE_MEMBER)))
-
 
 @pytest.fixture(scope="session")
 def reference(reference_wheel):
