@@ -74,8 +74,8 @@ def _http(index: str, lora_ids: list[str]) -> dict:
     import requests
     from ray import serve
 
-    from carlos_ray.service import ServeArgs
-    from serve.app import build_app
+    from carlos_ray.serving import ServeArgs
+    from carlos_ray.serving.app import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -22,7 +22,7 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
         assert step in out
     assert "pickle" in out and "wrong_base" in out  # rejects printed with their reasons
     snap = Index(str(tmp_path / "demo" / "index")).snapshot()
-    assert snap.manifest["counts"]["signatures"] == 12
+    assert snap.manifest.counts["signatures"] == 12
     assert snap.rejects().num_rows == 22
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
     # more-like-this: the planted near-duplicate leads
