@@ -17,6 +17,8 @@ import torch
 
 from carlos_ray.config import EncoderSpec, GeneratorSpec
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 def load_model_config(name: str) -> dict:
     """A JSON model config shipped in `carlos_ray/models/configs/`."""
@@ -76,8 +78,6 @@ class EmbeddedGenerator:
 
     def pipeline(self, spec: GeneratorSpec) -> Any:
         """The pipeline in `spec.dtype` (VAE in `spec.vae_dtype`), on the CPU."""
-        from carlos_ray.models.generator import TORCH_DTYPES
-
         pipe = self.build(self.model_config(), spec)
         pipe.to(dtype=TORCH_DTYPES[spec.dtype])
         pipe.vae.to(TORCH_DTYPES[spec.vae_dtype])
