@@ -50,7 +50,7 @@ from carlos_ray.lora.header import (
 
 __all__ = [
     "COMPONENTS", "PICKLE_EXTENSIONS", "REJECT_CODES", "LoraInfo", "LoraModule", "LoraRejected", "inspect_lora",
-    "check_compatible", "discover_loras", "kohya_to_dotted", "match_modules", "read_metadata", "recognize",
+    "check_compatible", "describe_lora", "discover_loras", "kohya_to_dotted", "match_modules", "read_metadata", "recognize",
     "targets_from_modules",
 ]
 
@@ -191,28 +191,17 @@ def read_lora_header(
     return real, size, tensors, metadata, modules, names, ignored, sha
 
 
-def inspect_lora(
-    path: str | os.PathLike[str],
-    *,
-    allowed_roots: Sequence[str | os.PathLike[str]] | None = None,
-    check_values: bool = True,
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
-) -> LoraInfo:
-    """Validate a LoRA ``.safetensors`` file from its header and describe it; raise LoraRejected otherwise.
-
-    ``check_values`` scans every adapter tensor (F16/BF16/F32/F64) for NaN/inf, one tensor at a time
-    through a 1 MiB buffer. Non-LoRA tensors in the file are listed in ``ignored_keys``, unchecked.
-    """
+def _info(path: str | os.PathLike[str], allowed_roots, check_values: bool, with_hash: bool, max_header_bytes: int,
+          max_metadata_bytes: int) -> LoraInfo:
     real, size, tensors, metadata, modules, names, ignored, sha = read_lora_header(
-        path, allowed_roots=allowed_roots, check_values=check_values, with_hash=True,
+        path, allowed_roots=allowed_roots, check_values=check_values, with_hash=with_hash,
         max_header_bytes=max_header_bytes, max_metadata_bytes=max_metadata_bytes,
     )
     alphas = [m.alpha for m in modules if m.alpha is not None]
     targets: dict[str, list[str]] = {}
     for m in modules:
         targets.setdefault(m.component, []).append(m.name)
-    info = LoraInfo(
+    return LoraInfo(
         path=real,
         sha256=sha,
         size_bytes=size,
@@ -228,6 +217,27 @@ def inspect_lora(
         ignored_count=len(ignored),
         formats=tuple(names[1:]),
     )
-    if ignored:
-        logger.warning("%s: %d non-LoRA tensors ignored, e.g. %s", real, len(ignored), info.ignored_keys[:3])
+
+
+def describe_lora(path: str | os.PathLike[str]) -> LoraInfo:
+    """The same description as :func:`inspect_lora` without hashing or the NaN scan (``sha256`` is "")."""
+    return _info(path, None, False, False, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_METADATA_BYTES)
+
+
+def inspect_lora(
+    path: str | os.PathLike[str],
+    *,
+    allowed_roots: Sequence[str | os.PathLike[str]] | None = None,
+    check_values: bool = True,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+) -> LoraInfo:
+    """Validate a LoRA ``.safetensors`` file from its header and describe it; raise LoraRejected otherwise.
+
+    ``check_values`` scans every adapter tensor (F16/BF16/F32/F64) for NaN/inf, one tensor at a time
+    through a 1 MiB buffer. Non-LoRA tensors in the file are listed in ``ignored_keys``, unchecked.
+    """
+    info = _info(path, allowed_roots, check_values, True, max_header_bytes, max_metadata_bytes)
+    if info.ignored_count:
+        logger.warning("%s: %d non-LoRA tensors ignored, e.g. %s", info.path, info.ignored_count, info.ignored_keys[:3])
     return info
