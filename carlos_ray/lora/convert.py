@@ -10,7 +10,8 @@ Conventions, each from its source:
 - LyCORIS ``modules/lokr.py``: ΔW = kron(w1, w2) · alpha/rank with w1 = lokr_w1 or w1_a @ w1_b, w2 = lokr_w2,
   w2_a @ w2_b or Tucker(t2, w2_a, w2_b); rank = w1_a columns, else w2's; two full factors: scale 1;
 - DoRA, LyCORIS ``dora_scale`` (``wd_on_out`` True: one value per output row, False: per input column):
-  W' = dora_scale · (W + ΔW) / (‖W + ΔW‖ + eps); peft ``lora_magnitude_vector`` (rows, no eps):
+  W' = dora_scale · (W + ΔW) / (‖W + ΔW‖ + eps) (eps = 1.2e-7 is left out: for row norms ≳ 1 it moves the
+  ratio by less than float32 rounding, and without it both layouts share one expression); peft ``lora_magnitude_vector`` (rows, no eps):
   W' = m · (W + sΔW) / ‖W + sΔW‖.
 
 A user LoRA scale ``s`` multiplies ΔW (kohya/peft ``multiplier`` / ``set_adapters`` weight). For DoRA files in the
@@ -34,7 +35,7 @@ class ModuleUpdate:
 
     ``kind`` "lowrank": ΔW = scale · up @ [mid] @ down (kept factored: cheap to cache and to apply);
     "dense": ΔW = scale · delta (LoHa, LoKr: only their full matrix is exact). ``dora`` ("row" | "column")
-    with ``magnitude`` re-normalises W + ΔW (``dora_rule`` "lycoris" adds eps and interpolates, "peft" does not).
+    with ``magnitude`` re-normalises W + ΔW (``dora_rule`` says how a user scale enters: "lycoris" | "peft").
     Tensors are float32 on the CPU, in the file's own layout (``delta`` is (out, in · kernel area)).
     """
 
@@ -124,6 +125,11 @@ def _norm(w: torch.Tensor, dora: str) -> torch.Tensor:
     return w.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
 
 
+def _ratio(mag: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """mag / norm, 0 where the norm is 0 (LyCORIS' eps gives the same zero row there)."""
+    return torch.where(norm > 0, mag / norm.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(mag))
+
+
 def dora_weight_delta(u: ModuleUpdate, base: torch.Tensor, lora_scale: float) -> torch.Tensor:
     """W' − W for a DoRA module at user scale ``lora_scale`` (float32, weight shape), per the module's rule.
 
@@ -134,7 +140,7 @@ def dora_weight_delta(u: ModuleUpdate, base: torch.Tensor, lora_scale: float) ->
     shape = (-1, *[1] * (base.dim() - 1)) if u.dora == "row" else (1, -1, *[1] * (base.dim() - 2))
     mag = u.magnitude.reshape(shape)
     if u.dora_rule == "peft":
-        c = mag / _norm(base + lora_scale * delta, u.dora)
+        c = _ratio(mag, _norm(base + lora_scale * delta, u.dora))
         return (c - 1) * base + c * (lora_scale * delta)
-    c = mag / (_norm(base + delta, u.dora) + torch.finfo(torch.float32).eps)
+    c = _ratio(mag, _norm(base + delta, u.dora))
     return lora_scale * ((c - 1) * base + c * delta)
