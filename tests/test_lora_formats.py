@@ -456,3 +456,145 @@ def test_lycoris_and_dora_modules_match_numpy_formulas(gen, tmp_path):
     print("max relative error of the applied update:", json.dumps({k: f"{v:.1e}" for k, v in errors.items()}))
 
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Signatures: equal across formats
+# ---------------------------------------------------------------------------------------------------
+
+ROWS = [(p, s) for p in range(len(PROMPTS)) for s in SEEDS]
+
+
+def _signature(gen, encoder, base_emb, name=None, path=None):
+    gen.activate(name, None if path is None else str(path))
+    imgs, ok = gen.generate([PROMPTS[p] for p, _ in ROWS], [s for _, s in ROWS])
+    gen.activate(None)
+    assert ok.all()
+    diffs = encoder.encode_images(imgs).astype(np.float64) - base_emb
+    return PartialStats.from_diffs(diffs, np.array([p for p, _ in ROWS]), len(PROMPTS)).finalize(), imgs
+
+
+def _assert_same_signature(a, b, what: str, rtol: float = 1e-6) -> None:
+    scale = max(np.abs(a.direction).max(), 1e-12)
+    assert np.abs(a.direction - b.direction).max() <= rtol * scale, what
+    assert abs(a.strength - b.strength) <= rtol * a.strength, what
+    assert abs(a.consistency - b.consistency) <= rtol * max(abs(a.consistency), 1e-12), what
+
+
+#: the default suite compares these (one micro-batch of images each); the slow test compares the whole corpus
+LEAN = ("kohya", "kohya-sgm", "kohya-per-module-alpha", "peft-adapter-metadata", "onetrainer-omi", "kohya-fp16",
+        "peft-bf16", "lycoris-loha", "lycoris-lokr", "dora-peft", "dora-kohya", "attn-peft", "attn-peft-unprefixed",
+        "attn-diffusers-legacy", "te-peft-qkv", "te-kohya-qkv")
+REFERENCE = {"full": "kohya", "dense": "lycoris-loha", "dora": "dora-peft", "attn": "attn-peft", "te": "te-peft-qkv"}
+
+
+def _compare_signatures(gen, encoder, corpus, names) -> dict[str, float]:
+    gen.activate(None)
+    imgs, _ = gen.generate([PROMPTS[p] for p, _ in ROWS], [s for _, s in ROWS])
+    base = encoder.encode_images(imgs).astype(np.float64)
+    sigs = {name: _signature(gen, encoder, base, name, corpus[name][0]) for name in names}
+    report = {}
+    for name in names:
+        ref = REFERENCE[corpus[name][1]]
+        a, b = sigs[ref][0], sigs[name][0]
+        report[name] = abs(a.strength - b.strength) / a.strength
+        assert a.strength > 0.1, ref  # the adapter does something
+        _assert_same_signature(a, b, f"{name} vs {ref}")
+    return report
+
+
+def test_signatures_are_equal_across_formats(gen, encoder, corpus):
+    print(_compare_signatures(gen, encoder, corpus, LEAN))
+
+
+@pytest.mark.slow
+def test_signatures_are_equal_across_the_whole_corpus(gen, encoder, corpus):
+    print(_compare_signatures(gen, encoder, corpus, list(corpus)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refused at inspection, with a code and a reason; loading refuses the same way
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_unappliable_files_are_refused_at_inspection_and_by_the_loader(gen, tmp_path):
+    targets = generator_lora_targets(GeneratorSpec())
+    k = _key(LIN)
+    lora = {f"{k}.lora_down.weight": np.ones((2, 32)), f"{k}.lora_up.weight": np.ones((32, 2))}
+    sdxl = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_"
+    cases = {  # name: (state, metadata, code, words the reason must contain)
+        "sdxl_full_size": ({f"{sdxl}{p}.lora_{h}.weight": np.ones((4, 2048) if h == "down" else (640, 4))
+                            for p in "kv" for h in ("down", "up")}, None, "shape_mismatch", ["size mismatch", "2048"]),
+        "sd15": ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.ones((4, 768)),
+                  "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.ones((768, 4))},
+                 None, "wrong_base", ["SD1.x"]),
+        "oft": ({f"{k}.oft_blocks": np.ones((4, 8, 8))}, None, "unsupported", ["LyCORIS OFT", "oft_blocks"]),
+        "ia3": ({f"{k}.weight": np.ones(32), f"{k}.on_input": np.ones(1)}, None, "unsupported", ["IA3"]),
+        "lora_bias": ({f"unet.{LIN[1]}.lora_A.weight": np.ones((2, 32)), f"unet.{LIN[1]}.lora_B.weight": np.ones((32, 2)),
+                       f"unet.{LIN[1]}.lora_B.bias": np.ones(32)}, None, "unsupported", ["lora_bias"]),
+        "mixed_lora_and_diff": ({**lora, f"{_key(TE)}.diff": np.ones((32, 32))}, None, "unsupported", ["weight diff"]),
+        "half_lokr": ({f"{k}.lokr_w1": np.ones((4, 4)), f"{k}.lokr_w2_a": np.ones((8, 2))}, None, "bad_lora",
+                      ["LoKr", "lokr_w2_b"]),
+        "bad_dora_scale": ({**lora, f"{k}.dora_scale": np.ones((2, 16))}, None, "bad_lora", ["dora_scale"]),
+        "bad_adapter_metadata": ({f"unet.{LIN[1]}.lora_A.weight": np.ones((2, 32)),
+                                  f"unet.{LIN[1]}.lora_B.weight": np.ones((32, 2))},
+                                 {"lora_adapter_metadata": "{not json"}, "bad_lora", ["lora_adapter_metadata"]),
+        "lycoris_shape": ({f"{k}.hada_w1_a": np.ones((32, 2)), f"{k}.hada_w1_b": np.ones((2, 32)),
+                           f"{k}.hada_w2_a": np.ones((32, 2)), f"{k}.hada_w2_b": np.ones((2, 16))}, None, "bad_lora",
+                          ["LoHa", "disagree"]),
+    }
+    for name, (state, meta, code, words) in cases.items():
+        path = save(tmp_path / f"{name}.safetensors", state, metadata=meta)
+        with pytest.raises(LoraRejected) as exc:
+            check_compatible(inspect_lora(path), targets)
+        assert exc.value.code == code, (name, exc.value)
+        assert all(w in exc.value.reason for w in words), (name, exc.value.reason)
+        with pytest.raises(LoraRejected) as loading:
+            gen.activate(name, str(path))
+        assert loading.value.code == code, (name, loading.value)
+    gen.activate(None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fp16 / bf16: the rounding bound, derived
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,u", [(torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)])
+def test_half_precision_rounding_bound(gen, tmp_path, dtype, u):
+    """Random factors (not representable): the applied ΔW is the formula on the rounded values, and its distance
+    to the float32 ΔW obeys |fl(up) fl(down) − up down| <= (|up| @ |down|)(2u + u²) per element, times the scale."""
+    rng = np.random.default_rng(3)
+    down, up = rng.standard_normal((4, 32)).astype(np.float32), (rng.standard_normal((32, 4)) * 0.2).astype(np.float32)
+    state = {f"{_key(LIN)}.lora_down.weight": down, f"{_key(LIN)}.lora_up.weight": up, f"{_key(LIN)}.alpha": np.array(2.0)}
+    path = save(tmp_path / "half.safetensors", state, dtype)
+    rd = torch.from_numpy(down).to(dtype).double().numpy()
+    ru = torch.from_numpy(up).to(dtype).double().numpy()
+    gen.activate("half", str(path))
+    try:
+        _check_applied(gen, {LIN: ru @ rd * 0.5})  # exact on the values the file holds
+        mod = module_of(gen, *LIN)
+        applied = applied_weight(mod) - mod.weight.detach().double().numpy()
+    finally:
+        gen.activate(None)
+    exact = up.astype(np.float64) @ down.astype(np.float64) * 0.5
+    bound = (np.abs(up) @ np.abs(down)) * 0.5 * (2 * u + u * u) + 1e-6 * np.abs(exact).max()
+    err = np.abs(applied - exact)
+    assert (err <= bound).all(), float((err / bound).max())
+    assert err.max() > 1e-3 * bound.max()  # rounding did happen: the check is not vacuous
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paper profile's loading path (from_pretrained on a directory) applies through the same code
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_pretrained_directory_generator_applies_the_same_updates(corpus, encoder, tmp_path):
+    d = tmp_path / "tiny_sdxl_saved"
+    build_tiny_sdxl_pipeline(GeneratorSpec().seed).save_pretrained(d, safe_serialization=True)
+    local = create_generator(GeneratorSpec(model=str(d)), encoder.image_size)
+    for name in ("kohya-sgm", "lycoris-lokr", "dora-kohya", "attn-diffusers-legacy"):
+        path, _, expected = corpus[name]
+        local.activate(name, str(path))
+        _check_applied(local, expected)
+    local.activate(None)

@@ -165,16 +165,9 @@ def _check_factor_dtypes(modules: list[LoraModule], by_name: dict[str, TensorEnt
                 raise LoraRejected("bad_lora", f"tensor {name!r} is {by_name[name].dtype}; LoRA factors must be floats", path)
 
 
-def read_lora_header(
-    path: str | os.PathLike[str],
-    *,
-    allowed_roots: Sequence[str | os.PathLike[str]] | None = None,
-    check_values: bool = False,
-    with_hash: bool = False,
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
-) -> tuple[Path, int, list[TensorEntry], dict[str, str], list[LoraModule], tuple[str, ...], list[str], str]:
-    """(real path, size, tensors, metadata, modules, (family, *formats), ignored, sha256 or "") of a LoRA file."""
+def _info(path: str | os.PathLike[str], allowed_roots: Sequence[str | os.PathLike[str]] | None, check_values: bool,
+          with_hash: bool, max_header_bytes: int, max_metadata_bytes: int) -> LoraInfo:
+    """Read and describe one file (sha256 "" unless ``with_hash``); LoraRejected if it is not an applicable LoRA."""
     real = resolve_path(path, allowed_roots)
     for p in (Path(path), real):
         if (rej := pickle_extension_reject(p)) is not None:
@@ -188,15 +181,6 @@ def read_lora_header(
         if check_values:
             _scan_values(f, modules, by_name, path)
         sha = sha256_of(f, bytearray(CHUNK_BYTES)) if with_hash else ""
-    return real, size, tensors, metadata, modules, names, ignored, sha
-
-
-def _info(path: str | os.PathLike[str], allowed_roots, check_values: bool, with_hash: bool, max_header_bytes: int,
-          max_metadata_bytes: int) -> LoraInfo:
-    real, size, tensors, metadata, modules, names, ignored, sha = read_lora_header(
-        path, allowed_roots=allowed_roots, check_values=check_values, with_hash=with_hash,
-        max_header_bytes=max_header_bytes, max_metadata_bytes=max_metadata_bytes,
-    )
     alphas = [m.alpha for m in modules if m.alpha is not None]
     targets: dict[str, list[str]] = {}
     for m in modules:
