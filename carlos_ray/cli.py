@@ -68,9 +68,8 @@ def inspect_paths(paths: list[str], targets: dict | None) -> list[dict]:
             results.append({"path": str(path), "ok": False, "reason": f"{e.code}: {e.reason}", "code": e.code,
                             "format": None, "rank": None, "sha256": None})
             return
-        results.append({"path": str(path), "ok": True, "reason": None, "code": None, "format": info.format,
-                        "rank": info.rank, "alpha": info.alpha, "sha256": info.sha256, "size_bytes": info.size_bytes,
-                        "tensors": info.tensor_count, "targets": {k: len(v) for k, v in info.targets.items()}})
+        results.append({"path": str(path), "ok": True, "reason": None, "code": None, **info.summary(),
+                        "targets": {k: len(v) for k, v in info.targets.items()}})
 
     for p in paths:
         path = Path(p)

@@ -488,28 +488,43 @@ LEAN = ("kohya", "kohya-sgm", "kohya-per-module-alpha", "peft-adapter-metadata",
 REFERENCE = {"full": "kohya", "dense": "lycoris-loha", "dora": "dora-peft", "attn": "attn-peft", "te": "te-peft-qkv"}
 
 
-def _compare_signatures(gen, encoder, corpus, names) -> dict[str, float]:
+def _compare_signatures(gen, encoder, corpus, names, extra: dict[str, Path] | None = None) -> dict:
     gen.activate(None)
     imgs, _ = gen.generate([PROMPTS[p] for p, _ in ROWS], [s for _, s in ROWS])
     base = encoder.encode_images(imgs).astype(np.float64)
-    sigs = {name: _signature(gen, encoder, base, name, corpus[name][0]) for name in names}
-    report = {}
+    paths = {**{n: corpus[n][0] for n in names}, **(extra or {})}
+    sigs = {name: _signature(gen, encoder, base, name, path)[0] for name, path in paths.items()}
     for name in names:
-        ref = REFERENCE[corpus[name][1]]
-        a, b = sigs[ref][0], sigs[name][0]
-        report[name] = abs(a.strength - b.strength) / a.strength
-        assert a.strength > 0.1, ref  # the adapter does something
-        _assert_same_signature(a, b, f"{name} vs {ref}")
-    return report
+        group = corpus[name][1]
+        ref = REFERENCE[group]
+        assert sigs[ref].strength > 0.01, ref  # the adapter does something
+        _assert_same_signature(sigs[ref], sigs[name], f"{name} vs {ref}")
+        if group == "dense":
+            # the same adapter through another arithmetic path (dense ΔW x vs two thin matmuls): float32 rounding
+            # of ΔW x differs by ~1e-7 relative; equal images are typical but not guaranteed, hence 1e-4 here
+            _assert_same_signature(sigs["kohya"], sigs[name], f"{name} vs kohya (dense vs factored)", rtol=1e-4)
+    return sigs
 
 
-def test_signatures_are_equal_across_formats(gen, encoder, corpus):
-    print(_compare_signatures(gen, encoder, corpus, LEAN))
+def test_signatures_are_equal_across_formats(gen, encoder, corpus, tmp_path):
+    full = [n for n in LEAN if corpus[n][1] == "full"]
+    # the per-module-alpha file with its alpha keys dropped: what a loader that ignores them would apply
+    state = {k: v for k, v in _load(corpus["kohya-per-module-alpha"][0]).items() if not k.endswith(".alpha")}
+    dropped = save(tmp_path / "alpha_dropped.safetensors", state)
+    sigs = _compare_signatures(gen, encoder, corpus, LEAN, {"alpha-dropped": dropped})
+    assert abs(sigs["alpha-dropped"].strength - sigs["kohya"].strength) > 0.01 * sigs["kohya"].strength  # can fail
+    print({n: sigs[n].strength for n in full})
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
 
 
 @pytest.mark.slow
 def test_signatures_are_equal_across_the_whole_corpus(gen, encoder, corpus):
-    print(_compare_signatures(gen, encoder, corpus, list(corpus)))
+    _compare_signatures(gen, encoder, corpus, list(corpus))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -570,7 +585,7 @@ def test_half_precision_rounding_bound(gen, tmp_path, dtype, u):
     path = save(tmp_path / "half.safetensors", state, dtype)
     rd = torch.from_numpy(down).to(dtype).double().numpy()
     ru = torch.from_numpy(up).to(dtype).double().numpy()
-    gen.activate("half", str(path))
+    gen.activate(f"half-{dtype}", str(path))  # the generator caches adapters by name
     try:
         _check_applied(gen, {LIN: ru @ rd * 0.5})  # exact on the values the file holds
         mod = module_of(gen, *LIN)
