@@ -117,8 +117,12 @@ def unpack_state(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_module(module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
+    import os
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(pack_state(module.state_dict()), str(path), metadata=metadata or {})
+    tmp = path.with_name(path.name + ".part")
+    save_file(pack_state(module.state_dict()), str(tmp), metadata=metadata or {})
+    os.replace(tmp, path)  # readers never see a half-written file
 
 
 def load_module(module: torch.nn.Module, path: Path) -> dict[str, str]:

@@ -96,7 +96,7 @@ class StageConfig:
 DEFAULTS = {
     "vae": StageConfig(steps=900, batch=32, lr=1e-3),
     "clip": StageConfig(steps=1400, batch=128, lr=1e-3),
-    "unet": StageConfig(steps=3000, batch=64, lr=5e-4),
+    "unet": StageConfig(steps=3000, batch=32, lr=8e-4),
 }
 
 
@@ -211,8 +211,9 @@ def unet_scene(rng: np.random.Generator) -> R.Scene:
     return training_scene(rng, positions=("center",), p_style=0.5, max_jitter=0.03)
 
 
-def train_unet(out: Path, cfg: StageConfig, vae_dir: Path | None = None, pool: int = 24000) -> dict:
-    """UNet (eps-prediction, DDPM noise schedule) on VAE latents of renders, both text encoders trained jointly."""
+def train_unet(out: Path, cfg: StageConfig, vae_dir: Path | None = None, pool: int = 4096, save_every: int = 0) -> dict:
+    """UNet (eps-prediction, DDPM noise schedule, min-SNR-5 loss weights) on VAE latents of renders, both text
+    encoders trained jointly; constant learning rate after warm-up, EMA weights saved (every `save_every` steps too)."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(cfg.seed)
@@ -240,6 +241,7 @@ def train_unet(out: Path, cfg: StageConfig, vae_dir: Path | None = None, pool: i
     sched_cfg = micro.config("micro_sdxl.json")["scheduler"]
     noise_sched = DDPMScheduler(num_train_timesteps=sched_cfg["num_train_timesteps"], beta_start=sched_cfg["beta_start"],
                                 beta_end=sched_cfg["beta_end"], beta_schedule=sched_cfg["beta_schedule"])
+    alphas = noise_sched.alphas_cumprod
     modules = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
     emb = [p for m in (te1, te2) for n, p in m.named_parameters() if "token_embedding" in n]
     rest = [p for m in modules.values() for n, p in m.named_parameters() if "token_embedding" not in n]
@@ -251,7 +253,7 @@ def train_unet(out: Path, cfg: StageConfig, vae_dir: Path | None = None, pool: i
     t1 = time.time()
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.steps, cfg.lr, 100)
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / 100)
         idx = torch.from_numpy(rng.integers(0, pool, cfg.batch))
         latents = (mean_t[idx] + std_t[idx] * torch.randn_like(mean_t[idx])) * scaling
         texts = [C.caption(scenes[int(i)], rng, p_drop=0.15) if rng.random() >= 0.1 else "" for i in idx]
@@ -260,7 +262,9 @@ def train_unet(out: Path, cfg: StageConfig, vae_dir: Path | None = None, pool: i
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,))
         noisy = noise_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, enc, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        snr = alphas[t] / (1 - alphas[t])
+        weight = snr.clamp(max=5.0) / snr  # min-SNR weighting (Hang et al. 2023): faster convergence
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rest, 1.0)
@@ -272,17 +276,26 @@ def train_unet(out: Path, cfg: StageConfig, vae_dir: Path | None = None, pool: i
                     e.lerp_(p.detach(), 1 - decay)
         loss_ema = float(loss.detach()) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss.detach())
         bar.set_postfix(loss=f"{loss_ema:.4f}", refresh=False)
-    with torch.no_grad():
-        for k, m in modules.items():
-            for e, p in zip(ema[k], m.parameters()):
-                p.copy_(e)
-    for k, m in modules.items():
-        m.eval()
-        micro.save_module(m, out / micro.WEIGHT_FILES[k], {"seed": str(cfg.seed), "ema": "0.999"})
+        if save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+            _save_ema(modules, ema, out, {"seed": str(cfg.seed), "ema": "0.999", "step": str(step + 1)})
+            logger.info("unet: EMA checkpoint at step %d (loss %.4f, %.0f s)", step + 1, loss_ema, time.time() - t1)
+    _save_ema(modules, ema, out, {"seed": str(cfg.seed), "ema": "0.999", "step": str(cfg.steps)})
     info = {"stage": "unet", "steps": cfg.steps, "seconds": round(time.time() - t0, 1),
             "train_seconds": round(time.time() - t1, 1), "final_loss_ema": loss_ema, "pool": pool}
     logger.info("unet: %s", info)
     return info
+
+
+def _save_ema(modules: dict, ema: dict, out: Path, meta: dict[str, str]) -> None:
+    """Write the EMA weights of every module (the training weights are left as they are)."""
+    import copy
+
+    for k, m in modules.items():
+        shadow = copy.deepcopy(m)
+        with torch.no_grad():
+            for e, p in zip(ema[k], shadow.parameters()):
+                p.copy_(e)
+        micro.save_module(shadow.eval(), out / micro.WEIGHT_FILES[k], meta)
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -301,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's weights/)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--pool", type=int, default=24000, help="UNet: number of pre-encoded training scenes")
+    p.add_argument("--pool", type=int, default=4096, help="UNet: number of pre-encoded training scenes")
+    p.add_argument("--save-every", type=int, default=250, help="UNet: write EMA weights every N steps (0 = only at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -328,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if fn is not None:
         fn(out, _stage_cfg(args.stage, args))
     else:
-        train_unet(out, _stage_cfg("unet", args), pool=args.pool)
+        train_unet(out, _stage_cfg("unet", args), pool=args.pool, save_every=args.save_every)
     return 0
 
 
