@@ -95,7 +95,7 @@ class StageConfig:
 
 DEFAULTS = {
     "vae": StageConfig(steps=900, batch=32, lr=1e-3),
-    "clip": StageConfig(steps=1400, batch=128, lr=1e-3),
+    "clip": StageConfig(steps=2000, batch=128, lr=1e-3),
     "unet": StageConfig(steps=3000, batch=32, lr=8e-4),
 }
 
@@ -141,7 +141,7 @@ def clip_batch(rng: np.random.Generator, n: int) -> list[R.Scene]:
     scenes: list[R.Scene] = []
     while len(scenes) < n:
         base = training_scene(rng, p_style=0.6)
-        family = ("shape", "colour", "style", "single")[int(rng.integers(4))]
+        family = ("shape", "shape", "shape", "colour", "colour", "style", "style", "single")[int(rng.integers(8))]
         if family == "single":
             group = [base]
         elif family == "shape":
