@@ -94,8 +94,9 @@ class StageConfig:
 
 
 DEFAULTS = {
-    "vae": StageConfig(steps=900, batch=32, lr=1e-3),
+    "vae": StageConfig(steps=700, batch=32, lr=1e-3),
     "clip": StageConfig(steps=2000, batch=128, lr=1e-3),
+    "clip-refine": StageConfig(steps=1000, batch=128, lr=3e-4),
     "unet": StageConfig(steps=3000, batch=32, lr=8e-4),
 }
 
@@ -155,13 +156,19 @@ def clip_batch(rng: np.random.Generator, n: int) -> list[R.Scene]:
     return scenes[:n]
 
 
-def train_clip(out: Path, cfg: StageConfig) -> dict:
-    """Contrastive training of the micro open_clip CLIP on renders and grammar captions."""
+def train_clip(out: Path, cfg: StageConfig, init: Path | None = None) -> dict:
+    """Contrastive training of the micro open_clip CLIP on renders and grammar captions.
+
+    With `init` (a weights folder), training starts from its CLIP with a fresh optimizer and its own
+    data stream: the second, lower-lr phase of the `clip` stage (a cosine warm restart)."""
     import open_clip
 
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 1)
-    model = micro.build_clip(cfg.seed).train()
+    torch.manual_seed(cfg.seed + (100 if init else 0))
+    rng = np.random.default_rng(cfg.seed + 1 + (100 if init else 0))
+    model = micro.build_clip(cfg.seed)
+    if init is not None:
+        micro.load_module(model, Path(init) / micro.WEIGHT_FILES["clip"])
+    model.train()
     tokenizer = open_clip.get_tokenizer(micro.register_clip_config())
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -191,7 +198,7 @@ def train_clip(out: Path, cfg: StageConfig) -> dict:
         bar.set_postfix(loss=f"{loss_v:.3f}", refresh=False)
     model.eval()
     micro.save_module(model, out / micro.WEIGHT_FILES["clip"], {"seed": str(cfg.seed)})
-    info = {"stage": "clip", "steps": cfg.steps, "seconds": round(time.time() - t0, 1), "final_loss": loss_v}
+    info = {"stage": "clip" if init is None else "clip-refine", "steps": cfg.steps, "seconds": round(time.time() - t0, 1), "final_loss": loss_v}
     logger.info("clip: %s", info)
     return info
 
@@ -310,7 +317,8 @@ def _stage_cfg(name: str, args: argparse.Namespace) -> StageConfig:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m carlos_ray.world.train", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["vae", "clip", "unet", "all"])
+    p.add_argument("stage", choices=["vae", "clip", "clip-refine", "unet", "all"],
+                   help="clip = both CLIP phases; clip-refine = the second phase only, from the CLIP in --out")
     p.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's weights/)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
@@ -338,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("all stages: %.1f min", (time.time() - t0) / 60)
         return rc
     torch.set_num_threads(args.threads or 1)
-    fn = {"vae": train_vae, "clip": train_clip}.get(args.stage)
-    if fn is not None:
-        fn(out, _stage_cfg(args.stage, args))
+    if args.stage == "vae":
+        train_vae(out, _stage_cfg("vae", args))
+    elif args.stage in ("clip", "clip-refine"):
+        if args.stage == "clip":
+            train_clip(out, _stage_cfg("clip", args))
+        train_clip(out, _stage_cfg("clip-refine", args), init=out)
     else:
         train_unet(out, _stage_cfg("unet", args), pool=args.pool, save_every=args.save_every)
     return 0
