@@ -61,6 +61,7 @@ def main() -> int:
     print(f"{'family':<8} {'CLIP zero-shot':>15} {'generator (oracle)':>19} {'chance':>7}")
     for fam in ("colour", "shape", "style"):
         print(f"{fam:<8} {clip[fam]:>15.3f} {gen[fam]:>19.3f} {chance[fam]:>7.3f}")
+    print(f"CLIP shape on unstyled held-out renders: {clip['shape_unstyled']:.3f}")
     print(f"all three right in one image: {gen['all_three']:.3f}  (n={gen['n']} held-out prompts)")
     print("per style (generator):", ", ".join(f"{k} {v:.2f}" for k, v in gen["per_style"].items()))
     print(f"seed diversity: {gen['seed_pixel_difference']:.1f} mean |pixel difference| between two seeds of one prompt "

@@ -2,7 +2,7 @@
 with both SDXL text encoders trained jointly.
 
 `python -m carlos_ray.world.train all` (what `make world` runs) trains the VAE and the CLIP in two
-parallel single-thread processes, then the UNet on two threads, and writes the safetensors into the
+parallel single-thread processes and, once the VAE is done, the UNet on two threads, and writes the safetensors into the
 package's `weights/` folder. Each stage shows a tqdm bar with its loss. Held-out combinations
 (`HELD_OUT_*`) never appear in any training set; `carlos_ray.world.evaluate` measures on them.
 """
@@ -97,7 +97,7 @@ DEFAULTS = {
     "vae": StageConfig(steps=700, batch=32, lr=1e-3),
     "clip": StageConfig(steps=2000, batch=128, lr=1e-3),
     "clip-refine": StageConfig(steps=1000, batch=128, lr=3e-4),
-    "unet": StageConfig(steps=3000, batch=32, lr=8e-4),
+    "unet": StageConfig(steps=2500, batch=32, lr=8e-4),
 }
 
 
@@ -336,13 +336,17 @@ def main(argv: list[str] | None = None) -> int:
         base = [sys.executable, "-m", "carlos_ray.world.train", "--out", str(out), "--seed", str(args.seed), "--threads", "1"]
         if args.no_progress:
             base.append("--no-progress")
-        procs = [subprocess.Popen(base[:3] + [st] + base[3:]) for st in ("vae", "clip")]
-        codes = [pr.wait() for pr in procs]
-        if any(codes):
-            logger.error("vae/clip stages failed with exit codes %s", codes)
+        # the UNet needs only the VAE: it starts as soon as the VAE is done, while the CLIP trains on
+        vae, clip = (subprocess.Popen(base[:3] + [st] + base[3:]) for st in ("vae", "clip"))
+        if vae.wait():
+            clip.terminate()
+            logger.error("the vae stage failed with exit code %s", vae.returncode)
             return 1
         rc = main(["unet", "--out", str(out), "--seed", str(args.seed), "--threads", str(args.threads or 2),
                    "--pool", str(args.pool)] + (["--no-progress"] if args.no_progress else []))
+        if clip.wait():
+            logger.error("the clip stage failed with exit code %s", clip.returncode)
+            return 1
         logger.info("all stages: %.1f min", (time.time() - t0) / 60)
         return rc
     torch.set_num_threads(args.threads or 1)
