@@ -213,7 +213,8 @@ def load_clip(weights_dir: Path | None = None):
     import open_clip
 
     d = Path(weights_dir) if weights_dir is not None else default_weights_dir()
-    model = build_clip(0)
+    name = register_clip_config()
+    model = open_clip.model.CLIP(**open_clip.get_model_config(name))  # weights come from the file below
     load_module(model, d / WEIGHT_FILES["clip"])
     return model.eval(), open_clip.get_tokenizer(register_clip_config())
 
