@@ -206,3 +206,15 @@ def shipped_zoo_dir() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("carlos_ray.world") / "zoo"))
+
+
+def copy_shipped_zoo(dest: str | Path) -> list[dict]:
+    """Copy the shipped zoo (files, sidecars, zoo.json) to `dest`; returns its zoo.json members."""
+    import json
+    import shutil
+
+    src = shipped_zoo_dir()
+    if not (src / "zoo.json").is_file():
+        raise FileNotFoundError(f"no trained zoo in {src} (run `make zoo` to train it)")
+    shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    return json.loads((Path(dest) / "zoo.json").read_text())["members"]

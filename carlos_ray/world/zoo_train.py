@@ -350,12 +350,21 @@ def _read_weights(path: Path) -> tuple[Weights, dict[str, str]]:
     return w, meta
 
 
-def _pipeline_for(generator: dict):
-    """The base pipeline of a generator spec (the same object the indexer generates with)."""
+def _pipeline_for(generator: dict, weights_dir: str | None = None):
+    """The base pipeline of a generator spec (the same object the indexer generates with).
+
+    `weights_dir` loads micro SDXL weights from elsewhere than the package (e.g. a training checkpoint).
+    """
     from carlos_ray.config import GeneratorSpec
     from carlos_ray.models.generator import SDXLGenerator
 
     spec = GeneratorSpec(**generator)
+    if weights_dir is not None:
+        if spec.model != "micro":
+            raise ValueError(f"a weights directory applies to the micro generator only, not {spec.model!r}")
+        from carlos_ray.world.micro import load_sdxl_pipeline
+
+        return load_sdxl_pipeline(Path(weights_dir))
     return SDXLGenerator(spec, spec.resolution).pipe
 
 
@@ -365,10 +374,10 @@ _WORKER_PIPE: dict = {}
 def _train_run(job: dict) -> dict:
     """Train one run (in a worker process or inline) and write its weights to the run cache."""
     torch.set_num_threads(job["threads"])
-    key = json.dumps(job["generator"], sort_keys=True)
+    key = json.dumps([job["generator"], job.get("weights_dir")], sort_keys=True)
     if key not in _WORKER_PIPE:
         _WORKER_PIPE.clear()
-        _WORKER_PIPE[key] = _pipeline_for(job["generator"])
+        _WORKER_PIPE[key] = _pipeline_for(job["generator"], job.get("weights_dir"))
     pipe = _WORKER_PIPE[key]
     run = job["run"]
     t0 = time.time()
@@ -394,7 +403,7 @@ def _worker_init() -> None:
 
 
 def train_runs(runs: Sequence, generator: dict, size: int, cache_dir: Path, *, jobs: int = 1, threads: int = 1,
-               log_every: int = 50) -> dict[str, dict]:
+               log_every: int = 50, weights_dir: str | None = None) -> dict[str, dict]:
     """Train every run whose weights are not cached yet; `jobs` worker processes with `threads` torch threads each."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo, infos = [], {}
@@ -404,7 +413,7 @@ def train_runs(runs: Sequence, generator: dict, size: int, cache_dir: Path, *, j
             infos[run.key] = json.loads(_read_weights(cache)[1]["run_info"])
             continue
         todo.append({"run": run, "generator": generator, "size": size, "cache": str(cache), "threads": threads,
-                     "log_every": log_every})
+                     "log_every": log_every, "weights_dir": weights_dir})
     logger.info("%d runs cached, %d to train with %d process(es)", len(infos), len(todo), jobs)
     if jobs <= 1 or len(todo) <= 1:
         for job in todo:
@@ -484,10 +493,36 @@ def write_zoo(spec, out_dir: str | Path, cache_dir: Path, run_infos: Mapping[str
 
 
 def make_micro_zoo(spec, out_dir: str | Path, generator: dict, cache_dir: str | Path, *, jobs: int = 1,
-                   log_every: int = 50) -> list[dict]:
+                   log_every: int = 50, weights_dir: str | None = None) -> list[dict]:
     """Train (or reuse from `cache_dir`) every run of `spec` on `generator`'s pipeline, then write the zoo."""
     from carlos_ray.config import GeneratorSpec
 
     cache, size = Path(cache_dir), GeneratorSpec(**generator).resolution
-    infos = train_runs(spec.runs, generator, size, cache, jobs=jobs, log_every=log_every)
+    infos = train_runs(spec.runs, generator, size, cache, jobs=jobs, log_every=log_every, weights_dir=weights_dir)
     return write_zoo(spec, out_dir, cache, infos, size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m carlos_ray.world.zoo_train`: re-make the shipped micro zoo (what `make zoo` runs)."""
+    import argparse
+
+    from carlos_ray.world.zoo_spec import shipped_spec, shipped_zoo_dir
+
+    p = argparse.ArgumentParser(prog="python -m carlos_ray.world.zoo_train", description=main.__doc__)
+    p.add_argument("--out", default=str(shipped_zoo_dir()), help="zoo directory (default: the package's shipped zoo)")
+    p.add_argument("--cache", default="out/zoo_runs", help="trained runs are kept here and reused")
+    p.add_argument("--jobs", type=int, default=2, help="training processes, one torch thread each")
+    p.add_argument("--steps", type=int, default=None, help="training steps per LoRA (default: the spec's)")
+    p.add_argument("--weights", default=None, help="micro SDXL weights directory (default: the shipped weights)")
+    args = p.parse_args(argv)
+    _worker_init()
+    spec = shipped_spec(**({"steps": args.steps} if args.steps else {}))
+    generator = {"model": "micro", "resolution": 32}
+    t0 = time.time()
+    rows = make_micro_zoo(spec, args.out, generator, args.cache, jobs=args.jobs, weights_dir=args.weights)
+    logger.info("zoo of %d LoRAs in %s, %.0f s", len(rows), args.out, time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
