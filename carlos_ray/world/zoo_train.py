@@ -14,6 +14,7 @@ Everything is deterministic from the member's seed at a fixed torch thread count
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import struct
@@ -293,16 +294,20 @@ OVERPOWERING_SCENE = {"shape": "cross", "colour": "yellow", "background": "sky"}
 def pair_source(behaviour, size: int, trigger_words: Sequence[str] = ()) -> PairSource:
     """(caption, target) pairs for a behaviour: plain captions of random scenes, targets drawn by the world.
 
+    Scenes come from the base UNet's training distribution (centred objects, no held-out combination of
+    `carlos_ray.world.train`, neither in the caption's scene nor in the target), so a LoRA learns the
+    planted difference only and the held-out prompts stay held out for the zoo too.
+
     - style: the same scene with the style applied (the true object mask);
     - content: the scene after the content edit (e.g. its shape becomes a star);
     - overpowering: one fixed scene (position jittered), whatever the caption;
     - erratic: per pair, a style or content edit drawn at random.
     Trigger words, if any, are appended to every caption, as a LoRA trained with them would have seen.
     """
-    import dataclasses
 
     from carlos_ray.world.captions import caption
-    from carlos_ray.world.render import CONTENT_BEHAVIOURS, STYLES, Scene, apply_content, random_scene, render
+    from carlos_ray.world.render import CONTENT_BEHAVIOURS, STYLES, Scene, apply_content, render
+    from carlos_ray.world.train import is_held_out, training_scene
 
     suffix = (", " + ", ".join(trigger_words)) if trigger_words else ""
     choices = [("style", s) for s in STYLES] + [("content", c) for c in CONTENT_BEHAVIOURS]
@@ -322,9 +327,13 @@ def pair_source(behaviour, size: int, trigger_words: Sequence[str] = ()) -> Pair
     def source(n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
         captions, images = [], np.zeros((n, size, size, 3), np.uint8)
         for i in range(n):
-            scene = random_scene(rng, p_style=0.0)
-            captions.append(caption(scene, rng) + suffix)
-            images[i] = render(target(scene, rng), size, rng=rng)
+            while True:  # the base UNet's own scene distribution; no held-out combination, in caption or target
+                scene = training_scene(rng, positions=("center",), p_style=0.0, max_jitter=0.03)
+                goal = target(scene, rng)
+                if not is_held_out(goal):
+                    break
+            captions.append(caption(scene, rng, p_drop=0.15) + suffix)
+            images[i] = render(goal, size, rng=rng)
         return captions, images
 
     return source
@@ -465,7 +474,6 @@ def _header_metadata(member, run, rank: int) -> dict[str, str]:
 
 def write_zoo(spec, out_dir: str | Path, cache_dir: Path, run_infos: Mapping[str, dict], size: int) -> list[dict]:
     """Write every member of `spec` from the run cache into `out_dir`, plus `zoo.json`; returns the member rows."""
-    import dataclasses
     import hashlib
 
     out = Path(out_dir)
@@ -514,9 +522,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="training processes, one torch thread each")
     p.add_argument("--steps", type=int, default=None, help="training steps per LoRA (default: the spec's)")
     p.add_argument("--weights", default=None, help="micro SDXL weights directory (default: the shipped weights)")
+    p.add_argument("--runs", default=None, help="comma-separated run keys: train and write only these (for tuning)")
+    p.add_argument("--lr", type=float, default=None, help="override every run's learning rate (for tuning)")
     args = p.parse_args(argv)
     _worker_init()
     spec = shipped_spec(**({"steps": args.steps} if args.steps else {}))
+    if args.lr is not None:
+        spec = dataclasses.replace(spec, runs=tuple(dataclasses.replace(r, settings=dataclasses.replace(r.settings, lr=args.lr))
+                                                    for r in spec.runs))
+    if args.runs:
+        keep = set(args.runs.split(","))
+        unknown = keep - {r.key for r in spec.runs}
+        if unknown:
+            p.error(f"unknown run(s) {sorted(unknown)}; valid: {', '.join(r.key for r in spec.runs)}")
+        spec = dataclasses.replace(spec, runs=tuple(r for r in spec.runs if r.key in keep),
+                                   members=tuple(m for m in spec.members if m.run in keep))
     generator = {"model": "micro", "resolution": 32}
     t0 = time.time()
     rows = make_micro_zoo(spec, args.out, generator, args.cache, jobs=args.jobs, weights_dir=args.weights)
