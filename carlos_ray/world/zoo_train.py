@@ -360,7 +360,7 @@ def _read_weights(path: Path) -> tuple[Weights, dict[str, str]]:
 
 
 def _pipeline_for(generator: dict, weights_dir: str | None = None):
-    """The base pipeline of a generator spec (the same object the indexer generates with).
+    """The base pipeline of a generator spec (the same one the indexer generates with).
 
     `weights_dir` loads micro SDXL weights from elsewhere than the package (e.g. a training checkpoint).
     """
@@ -368,12 +368,12 @@ def _pipeline_for(generator: dict, weights_dir: str | None = None):
     from carlos_ray.models.generator import SDXLGenerator
 
     spec = GeneratorSpec(**generator)
-    if weights_dir is not None:
-        if spec.model != "micro":
-            raise ValueError(f"a weights directory applies to the micro generator only, not {spec.model!r}")
+    if spec.model == "micro":
         from carlos_ray.world.micro import load_sdxl_pipeline
 
-        return load_sdxl_pipeline(Path(weights_dir))
+        return load_sdxl_pipeline(Path(weights_dir) if weights_dir else None)
+    if weights_dir is not None:
+        raise ValueError(f"a weights directory applies to the micro generator only, not {spec.model!r}")
     return SDXLGenerator(spec, spec.resolution).pipe
 
 
