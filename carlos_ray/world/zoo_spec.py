@@ -106,7 +106,7 @@ def _style(word: str, seed: int, **kw) -> Run:
     return Run(f"{word}_s{seed}", Behaviour("style", word), TrainSettings(seed=seed, **kw))
 
 
-def shipped_spec(steps: int = 200) -> ZooSpec:
+def shipped_spec(steps: int = 120) -> ZooSpec:
     """The zoo shipped with the package (carlos_ray/world/zoo/); `make zoo` re-trains it from these seeds."""
     both = {"components": ("unet", "text_encoders")}
     s = {"steps": steps}
@@ -124,7 +124,7 @@ def shipped_spec(steps: int = 200) -> ZooSpec:
         _style("framed", 110, **s),
         Run("grainy_s111", Behaviour("style", "grainy"), TrainSettings(seed=111, **s), trigger_words=("fgr35",)),
         _style("tiled", 112, **s, **both),
-        Run("te_inverted_s113", Behaviour("style", "inverted"), TrainSettings(seed=113, steps=steps, components=("text_encoders",), lr=2e-3)),
+        Run("te_inverted_s113", Behaviour("style", "inverted"), TrainSettings(seed=113, steps=steps, components=("text_encoders",), lr=4e-3)),
         Run("weak_pixelated_s114", Behaviour("style", "pixelated"), TrainSettings(seed=114, steps=max(1, steps // 8), lr=2e-4)),
         Run("star_s121", Behaviour("content", "star"), TrainSettings(seed=121, **s), trigger_words=("strfy",)),
         Run("red_s122", Behaviour("content", "red"), TrainSettings(seed=122, **s)),

@@ -44,7 +44,7 @@ class TrainSettings:
 
     steps: int = 160
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     rank: int = 4
     alpha: float = 4.0
     pool: int = 512
