@@ -217,7 +217,7 @@ def test_cli_trains_named_behaviours_on_the_tiny_pipeline(tmp_path, capsys):
 
     out = tmp_path / "z"
     assert main(["zoo", str(out), "--profile", "micro", "--behaviors", "sepia,content:star", "--config", "conf/tiny.yaml",
-                 "--steps", "2"]) == EXIT_OK
+                 "--steps", "2", "--jobs", "2"]) == EXIT_OK  # two worker processes, one run each
     doc = json.loads((out / "zoo.json").read_text())
     assert [m["behaviour"] for m in doc["members"]] == ["style:sepia", "content:star"]
     for m in doc["members"]:

@@ -406,6 +406,7 @@ def _train_run(job: dict) -> dict:
 
 
 def _worker_init() -> None:
+    """Logging for a training process (the zoo's log is its stderr)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
     for name in ("diffusers", "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -428,13 +429,44 @@ def train_runs(runs: Sequence, generator: dict, size: int, cache_dir: Path, *, j
         for job in todo:
             infos[job["run"].key] = _train_run(job)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as ex:
-            for info in ex.map(_train_run, todo):
-                infos[info["run"]] = info
+        _train_in_subprocesses(todo, jobs, cache_dir)
+        for job in todo:
+            infos[job["run"].key] = json.loads(_read_weights(Path(job["cache"]))[1]["run_info"])
     return infos
+
+
+def _job_to_json(job: dict) -> dict:
+    run = job["run"]
+    return {**job, "run": {"key": run.key, "behaviour": dataclasses.asdict(run.behaviour),
+                           "settings": dataclasses.asdict(run.settings), "trigger_words": list(run.trigger_words)}}
+
+
+def _job_from_json(d: dict) -> dict:
+    from carlos_ray.world.zoo_spec import Behaviour, Run
+
+    r = d["run"]
+    settings = TrainSettings(**{**r["settings"], "components": tuple(r["settings"]["components"])})
+    return {**d, "run": Run(r["key"], Behaviour(**r["behaviour"]), settings, tuple(r["trigger_words"]))}
+
+
+def _train_in_subprocesses(todo: list[dict], jobs: int, cache_dir: Path) -> None:
+    """Split the runs over `jobs` processes (`python -m carlos_ray.world.zoo_train --worker FILE`), wait for all."""
+    import subprocess
+    import sys
+    import tempfile
+
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="zoo_jobs_") as tmp:
+        for i in range(jobs):
+            part = todo[i::jobs]
+            if not part:
+                continue
+            f = Path(tmp) / f"jobs_{i}.json"
+            f.write_text(json.dumps([_job_to_json(j) for j in part]))
+            procs.append(subprocess.Popen([sys.executable, "-m", "carlos_ray.world.zoo_train", "--worker", str(f)]))
+        codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"zoo training worker(s) failed with exit codes {codes}; finished runs are kept in {cache_dir}")
 
 
 def _sidecar(path: Path, member, sha: str, index: int) -> None:
@@ -524,8 +556,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="micro SDXL weights directory (default: the shipped weights)")
     p.add_argument("--runs", default=None, help="comma-separated run keys: train and write only these (for tuning)")
     p.add_argument("--lr", type=float, default=None, help="override every run's learning rate (for tuning)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: train the jobs in this JSON file
     args = p.parse_args(argv)
     _worker_init()
+    if args.worker:
+        for job in json.loads(Path(args.worker).read_text()):
+            _train_run(_job_from_json(job))
+        return 0
     spec = shipped_spec(**({"steps": args.steps} if args.steps else {}))
     if args.lr is not None:
         spec = dataclasses.replace(spec, runs=tuple(dataclasses.replace(r, settings=dataclasses.replace(r.settings, lr=args.lr))
