@@ -16,7 +16,7 @@ def _rankings(text: str) -> str:
 
 
 def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--config", "conf/tiny.yaml"]) == 0
     out = capsys.readouterr().out
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "ray job submit", "carlos-ray serve"):
         assert step in out

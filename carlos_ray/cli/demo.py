@@ -1,8 +1,9 @@
-"""`carlos-ray demo`: the whole mission on the embedded tiny default, no network.
+"""`carlos-ray demo`: the whole mission on the embedded micro world (default) or the tiny models, no network.
 
-Writes the synthetic zoo (with hostile files beside it), indexes it through Ray Data, prints the
-rejects, runs a few text queries and a more-like-this lookup, writes the report, and says how to
-serve the index and how to run the same on a GPU cluster.
+Copies the micro world's trained LoRA zoo (or, with a tiny config, writes the synthetic one), puts hostile
+files beside it, indexes it through Ray Data, prints the rejects, runs text queries (behaviour words for
+the micro world, with each hit's planted behaviour from zoo.json beside it) and a more-like-this lookup,
+writes the report, and says how to serve the index and how to run the same on a GPU cluster.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import time
 from pathlib import Path
 
 DEMO_QUERIES = ("watercolor painting", "a crisp sharp look", "neon cyberpunk city at night")
+MICRO_QUERIES = ("striped", "sepia", "pixel art", "black and white", "a star")
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_demo(workdir: Path, config: str = "conf/tiny.yaml") -> int:
+def run_demo(workdir: Path, config: str = "conf/micro.yaml") -> int:
     from carlos_ray.cli.common import rejects_table, table
     from carlos_ray.config import Config
     from carlos_ray.indexing import run_index
@@ -35,14 +37,28 @@ def run_demo(workdir: Path, config: str = "conf/tiny.yaml") -> int:
         if d.exists():
             shutil.rmtree(d)
 
-    _say(f"[1/5] writing the synthetic LoRA zoo to {zoo}")
-    members = make_zoo(zoo, n=12, seed=0)
+    micro = cfg.generator.model == "micro"
+    if micro:
+        from carlos_ray.world.zoo_spec import copy_shipped_zoo
+
+        _say(f"[1/5] copying the micro world's trained LoRA zoo to {zoo}")
+        members = copy_shipped_zoo(zoo)
+        truth = {m["sha256"]: m for m in members}
+        roles = sorted({m["role"] for m in members})
+        _say(f"      {len(members)} peft LoRAs trained on the micro SDXL, planted roles: {', '.join(roles)}; "
+             f"names and descriptions partly misleading, foreign or empty (ground truth: {zoo / 'zoo.json'})")
+    else:
+        _say(f"[1/5] writing the synthetic LoRA zoo to {zoo}")
+        members, truth = make_zoo(zoo, n=12, seed=0), {}
     hostile = write_hostile_corpus(zoo / "untrusted")
-    _say(f"      {len(members)} LoRAs with planted behavior (scale family, near-duplicate twins, a no-op, an erratic one, "
-         f"a text-encoder LoRA, random styles) and {len(hostile)} hostile files beside them")
+    if not micro:
+        _say(f"      {len(members)} LoRAs with planted behavior (scale family, near-duplicate twins, a no-op, an erratic one, "
+             f"a text-encoder LoRA, random styles) and {len(hostile)} hostile files beside them")
+    else:
+        _say(f"      and {len(hostile)} hostile files beside them")
 
     _say(f"[2/5] indexing through Ray Data ({len(cfg.sampling.seeds)} seeds x the `{cfg.sampling.prompt_subset}` prompts, "
-         f"tiny SDXL + tiny CLIP on CPU)")
+         f"{cfg.generator.model} SDXL + {cfg.encoder.arch} CLIP on CPU)")
     logging.getLogger("carlos_ray.indexing").setLevel(logging.INFO)
     summary = run_index(cfg, [str(zoo)], str(index))
     _say(f"      indexed {summary.indexed}, rejected {summary.rejected}, duplicates {summary.duplicates}, "
@@ -58,15 +74,22 @@ def run_demo(workdir: Path, config: str = "conf/tiny.yaml") -> int:
     th = manifest.thresholds
     _say(f"      default filters ({th.get('source')}): max_strength={th.get('max_strength')}, "
          f"min_consistency={th.get('min_consistency')}")
-    for q in DEMO_QUERIES:
+    cols = ["rank", "name", "score", "strength", "consistency"] + (["planted (zoo.json)"] if micro else [])
+
+    def planted(lora_id: str) -> str:
+        m = truth.get(ranker.get(lora_id).get("sha256"), {})
+        return f"{m.get('role', '?')}: {m.get('behaviour', '?')}" + (f" x{m['scale']:g}" if m.get("scale", 1) != 1 else "")
+
+    for q in MICRO_QUERIES if micro else DEMO_QUERIES:
         hits = ranker.search(encoder.encode_one(q), k=5)
         _say(f"\n      query: {q!r}")
         _say(table([{"rank": i + 1, "name": h.name, "score": f"{h.score:.3f}", "strength": f"{h.strength:.3f}",
-                      "consistency": f"{h.consistency:.3f}"} for i, h in enumerate(hits)],
-                    ["rank", "name", "score", "strength", "consistency"]))
+                     "consistency": f"{h.consistency:.3f}", "planted (zoo.json)": planted(h.lora_id) if micro else ""}
+                    for i, h in enumerate(hits)], cols))
 
-    _say("\n[4/5] more like this: the LoRAs closest in direction to `twin_a` (its near-duplicate should lead)")
-    sig = ranker_table_row(ranker, "Twin A")
+    twin = ("Sepia Tone", "its retrained near-duplicate") if micro else ("Twin A", "its near-duplicate")
+    _say(f"\n[4/5] more like this: the LoRAs closest in direction to `{twin[0]}` ({twin[1]} should lead)")
+    sig = ranker_table_row(ranker, twin[0])
     hits = ranker.similar(sig, k=4, max_strength=float("inf"), min_consistency=float("-inf"))
     _say(table([{"rank": i + 1, "name": h.name, "cosine": f"{h.score:.4f}", "strength": f"{h.strength:.3f}"}
                  for i, h in enumerate(hits)], ["rank", "name", "cosine", "strength"]))
@@ -78,8 +101,9 @@ def run_demo(workdir: Path, config: str = "conf/tiny.yaml") -> int:
     _say(f"      open {page}")
 
     _say(f"\ndone in {time.time() - t0:.0f} s. Next:")
-    _say(f"  serve it:    carlos-ray serve --index {index}    (then: curl 'http://127.0.0.1:8000/search?q=watercolor&k=5')")
-    _say(f"  query it:    carlos-ray query --index {index} \"watercolor painting\" -k 5")
+    q = "striped" if micro else "watercolor"
+    _say(f"  serve it:    carlos-ray serve --index {index}    (then: curl 'http://127.0.0.1:8000/search?q={q}&k=5')")
+    _say(f"  query it:    carlos-ray query --index {index} \"{q if micro else 'watercolor painting'}\" -k 5")
     _say("  on a GPU cluster with the paper's models (SDXL base 1.0 + ViT-B/32 openai):")
     _say("    ray job submit --address http://HEAD:8265 --working-dir . -- \\")
     _say("      python jobs/index.py --config conf/paper.yaml --loras /data/loras --index s3://bucket/carlos-index")
@@ -99,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("demo", help="the whole mission on the embedded tiny default, no network")
+    d = sub.add_parser("demo", help="the whole mission on the embedded micro world, no network")
     d.add_argument("--workdir", default="demo_out", help="where the zoo, index and report are written")
-    d.add_argument("--config", default="conf/tiny.yaml")
+    d.add_argument("--config", default="conf/micro.yaml", help="conf/micro.yaml (trained micro world) or conf/tiny.yaml")
     d.set_defaults(func=cmd_demo)
