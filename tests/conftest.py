@@ -127,3 +127,92 @@ def write_overflow_lora(path):
 
     w = random_weights(scale_family_target(), ("unet",), 4, 1e20, np.random.default_rng(0))
     write_lora(path, w, "diffusers")
+
+
+# ---- a real headless browser (the OS's Chromium driven by Playwright) ----------------------------------
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def chromium_executable() -> str:
+    """Chromium from the OS packages (`make browser` installs it); $CARLOS_RAY_CHROMIUM overrides the path."""
+    import shutil
+
+    return os.environ.get("CARLOS_RAY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (Playwright gives it a fresh temporary --user-data-dir); closed at the end."""
+    exe = chromium_executable()
+    if not os.path.isfile(exe):
+        pytest.fail(f"Chromium is not installed at {exe}; run `make browser` (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_FLAGS, timeout=60_000)
+    except Exception:
+        pw.stop()
+        raise
+    try:
+        yield b
+    finally:
+        b.close()
+        pw.stop()
+
+
+class BrowserPage:
+    """A fresh browser context and page for one test: records console errors, uncaught exceptions and dialogs.
+
+    ``shot(name)`` saves a PNG under the test's tmp_path/screenshots; ``allow(pattern)`` lets a console
+    error the test provokes on purpose (e.g. the 404 of an unknown LoRA) through. Any other error fails
+    the test at teardown."""
+
+    def __init__(self, browser, out_dir):
+        import re
+
+        self._re = re
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, java_script_enabled=True)
+        self.context.set_default_timeout(30_000)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.allowed: list = []
+        self.out_dir = out_dir
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda exc: self.errors.append(f"uncaught exception: {exc}"))
+        self.page.on("dialog", self._dialog)
+
+    def _console(self, msg) -> None:
+        if msg.type == "error" and not any(p.search(msg.text) for p in self.allowed):
+            self.errors.append(f"console.error: {msg.text} ({msg.location.get('url', '')})")
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def allow(self, pattern: str) -> None:
+        self.allowed.append(self._re.compile(pattern))
+
+    def shot(self, name: str):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def browser_page(browser, tmp_path):
+    """A page in a fresh context; the test fails on any JavaScript error or dialog (alert/confirm/prompt)."""
+    bp = BrowserPage(browser, tmp_path / "screenshots")
+    try:
+        yield bp
+    finally:
+        bp.close()
+    problems = bp.errors + [f"dialog opened: {d}" for d in bp.dialogs]
+    if problems:
+        pytest.fail("the page reported JavaScript errors or dialogs:\n" + "\n".join(problems), pytrace=False)
