@@ -59,6 +59,80 @@ def built_index(ray_session, tiny_config, zoo_dir, tmp_path_factory):
     return {"index": str(idx), "summary": summary, "hostile": hostile, "hostile_expected": expected}
 
 
+# ---- one Ray Serve instance for the session's HTTP tests (test_serve, test_web) -------------------------
+SERVE_TOKEN_ENV = "CARLOS_RAY_TEST_SERVE_TOKEN"
+SERVE_TOKEN = "s3cret-test-token"
+REF_ENCODER = {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "openai", "dtype": "float32", "device": "cpu",
+               "micro_batch": 16, "seed": 0}
+HOSTILE_NAME = "<img src=x onerror=alert(1)>"
+HOSTILE_DESCRIPTION = ('<script>alert(2)</script><b onmouseover="alert(3)">bold</b> <a href="javascript:alert(4)">link</a>'
+                       '<iframe src="javascript:alert(5)"></iframe><svg onload=alert(6)></svg><style>body{display:none}</style>'
+                       '"><img src=x onerror=alert(7)>&lt;escaped&gt; &amp; text')
+HOSTILE_TRIGGERS = ["<svg onload=alert(8)>", '"><img src=x onerror=alert(9)>', "ok-word"]
+
+
+def _add_hostile_lora(index_dir) -> str:
+    """Commit one more LoRA whose every text field is HTML (a copy of a LoRA with a non-zero direction)."""
+    import pyarrow as pa
+
+    from carlos_ray.store import Index
+
+    index = Index(str(index_dir))
+    old = index.snapshot().signatures()
+    rows = old.to_pylist()
+    th = index.read_manifest().get("thresholds") or {}
+    kept = [r for r in rows if 0 < r["strength"] <= th.get("max_strength", float("inf"))
+            and r["consistency"] >= th.get("min_consistency", -1.0)]  # passes the default filters: it shows in results
+    row = dict(kept[0])
+    row.update(lora_id="hostile-0001", name=HOSTILE_NAME, description=HOSTILE_DESCRIPTION, trigger_words=HOSTILE_TRIGGERS,
+               source_url="javascript:alert(10)", sha256="0" * 64)
+    with index:
+        index.commit({"signatures": pa.Table.from_pylist([row], schema=old.schema)}, fields={"note": "hostile text"})
+    return row["lora_id"]
+
+
+@pytest.fixture(scope="session")
+def served(ray_session, built_index, tmp_path_factory):
+    """The Serve app over HTTP on localhost, started once: a copy of the tiny built index (plus one LoRA whose
+    every text field is hostile HTML) at ``/`` and, at ``/ref``, a copy whose manifest names the ViT-B-32 ``openai``
+    encoder (not on this machine: text search answers 503, the rest works). The admin token is SERVE_TOKEN."""
+    import json
+    import shutil
+    import socket
+
+    from ray import serve
+
+    from carlos_ray.service import ServeArgs
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    idx, ref = root / "idx", root / "ref"
+    ignore = shutil.ignore_patterns(".writer.lock")
+    shutil.copytree(built_index["index"], idx, ignore=ignore)
+    hostile_id = _add_hostile_lora(idx)
+    shutil.copytree(built_index["index"], ref, ignore=ignore)
+    manifest = json.loads((ref / "manifest.json").read_text())
+    manifest["encoder"] = REF_ENCODER
+    (ref / "manifest.json").write_text(json.dumps(manifest))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ[SERVE_TOKEN_ENV] = SERVE_TOKEN  # read by build_app in this process; the app keeps its SHA-256 only
+    # No CPU reservations: the app lives until the session ends, and later modules need Ray's 2 CPUs for indexing.
+    common = dict(poll_seconds=0.25, encoder_num_cpus=0, ranker_num_cpus=0, ingress_num_cpus=0,
+                  admin_token_env=SERVE_TOKEN_ENV, batch_wait_timeout_s=0.05, request_timeout_s=60)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run_many([  # deployed side by side
+            serve.RunTarget(build_app(ServeArgs(index=str(idx), **common)), name="carlos", route_prefix="/"),
+            serve.RunTarget(build_app(ServeArgs(index=str(ref), **common)), name="ref", route_prefix="/ref"),
+        ])
+        yield {"url": f"http://127.0.0.1:{port}", "idx": idx, "ref": ref, "hostile_id": hostile_id}
+    finally:
+        serve.shutdown()
+        os.environ.pop(SERVE_TOKEN_ENV, None)
+
+
 REFERENCE_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "carlos-ray")
 REFERENCE_WHEEL_NAME = "carlos-0.0.3-py3-none-any.whl"
 
