@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# On 2 busy cores a Serve proxy can take longer than Serve's default 5 s to come up, and is then killed.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 
 @pytest.fixture(scope="session")
@@ -216,8 +218,11 @@ def chromium_executable() -> str:
 
 
 @pytest.fixture(scope="session")
-def browser():
-    """One headless Chromium for the session (Playwright gives it a fresh temporary --user-data-dir); closed at the end."""
+def browser(ray_session):
+    """One headless Chromium for the session (Playwright gives it a fresh temporary --user-data-dir); closed at the end.
+
+    Depends on ``ray_session``: Ray must start before Playwright in this process (seen here: a local Ray
+    started after Playwright's driver times out waiting for its raylet; the other order works)."""
     exe = chromium_executable()
     if not os.path.isfile(exe):
         pytest.fail(f"Chromium is not installed at {exe}; run `make browser` (apt-get install chromium chromium-driver)")

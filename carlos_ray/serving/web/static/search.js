@@ -102,7 +102,7 @@
     const node = el("article", { class: "card", "data-lora-id": hit.lora_id });
     if (p.thumbnails) {
       node.appendChild(el("img", { class: "thumb", src: "loras/" + encodeURIComponent(hit.lora_id) + "/thumbnails",
-                                   alt: "base (top) vs LoRA (bottom)", loading: "lazy" }));
+                                   alt: "base (top) vs LoRA (bottom)" }));
     }
     node.appendChild(body);
     return node;
