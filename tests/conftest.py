@@ -28,6 +28,18 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for the module (tiny models: thread hand-off costs more than it gains on a shared
+    2-core machine, and the actors of conf/tiny.yaml use one thread too, so images compare bit for bit)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from carlos_ray.config import Config
@@ -82,14 +94,14 @@ def _add_hostile_lora(index_dir) -> str:
     index = Index(str(index_dir))
     old = index.snapshot().signatures()
     rows = old.to_pylist()
-    th = index.read_manifest().get("thresholds") or {}
+    th = index.read_manifest().thresholds or {}
     kept = [r for r in rows if 0 < r["strength"] <= th.get("max_strength", float("inf"))
             and r["consistency"] >= th.get("min_consistency", -1.0)]  # passes the default filters: it shows in results
     row = dict(kept[0])
     row.update(lora_id="hostile-0001", name=HOSTILE_NAME, description=HOSTILE_DESCRIPTION, trigger_words=HOSTILE_TRIGGERS,
                source_url="javascript:alert(10)", sha256="0" * 64)
     with index:
-        index.commit({"signatures": pa.Table.from_pylist([row], schema=old.schema)}, fields={"note": "hostile text"})
+        index.commit({"signatures": pa.Table.from_pylist([row], schema=old.schema)})
     return row["lora_id"]
 
 
@@ -104,8 +116,8 @@ def served(ray_session, built_index, tmp_path_factory):
 
     from ray import serve
 
-    from carlos_ray.service import ServeArgs
-    from serve.app import build_app
+    from carlos_ray.serving import ServeArgs
+    from carlos_ray.serving.app import build_app
 
     root = tmp_path_factory.mktemp("serve")
     idx, ref = root / "idx", root / "ref"

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from carlos_ray.config import EncoderSpec
-from carlos_ray.service import encoder_unavailable_reason, load_query_encoder, load_ranker
+from carlos_ray.models.encoder import encoder_unavailable_reason
+from carlos_ray.serving import load_query_encoder, load_ranker
 from carlos_ray.store import Index
 
 from tests.conftest import REF_ENCODER, SERVE_TOKEN as TOKEN, SERVE_TOKEN_ENV as TOKEN_ENV  # noqa: F401
@@ -294,7 +295,7 @@ def test_request_size_limits_are_enforced(env):
 
 
 def test_binds_localhost_and_reload_needs_a_token(env):
-    from carlos_ray.service import ServeArgs
+    from carlos_ray.serving import ServeArgs
 
     assert ServeArgs(index="x").host == "127.0.0.1"
     import yaml

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from carlos_ray.service import load_query_encoder, load_ranker
+from carlos_ray.serving import load_query_encoder, load_ranker
 from carlos_ray.store import Index
 from tests.conftest import HOSTILE_DESCRIPTION, HOSTILE_NAME, HOSTILE_TRIGGERS, BrowserPage
 
@@ -33,7 +33,7 @@ def web(served):
     ranker, manifest = load_ranker(idx)
     sig = Index(idx).snapshot().signatures()
     return {**served, "ranker": ranker, "manifest": manifest, "encoder": load_query_encoder(manifest), "table": sig,
-            "thresholds": manifest["thresholds"]}
+            "thresholds": manifest.thresholds}
 
 
 def _cards(page, where: str = "#results") -> list[str]:
@@ -293,7 +293,7 @@ def test_unknown_lora_is_explained(web, browser_page):
 def test_index_page_scatter_counts_and_configuration(web, browser_page):
     bp, page, url = browser_page, browser_page.page, web["url"]
     sig = Index(str(web["idx"])).snapshot().signatures()
-    th = Index(str(web["idx"])).read_manifest()["thresholds"]
+    th = Index(str(web["idx"])).read_manifest().thresholds
     s, c = sig["strength"].to_numpy(), sig["consistency"].to_numpy()
     page.goto(url + "/overview")
     _ready(page)
@@ -314,7 +314,7 @@ def test_index_page_scatter_counts_and_configuration(web, browser_page):
     assert x_of[ids[int(np.nanargmax(s))]] >= line_x - 1e-6 or np.nanmax(s) <= th["max_strength"]
     assert x_of[ids[int(np.nanargmin(s))]] < line_x
     config = page.text_content("#config")
-    assert web["manifest"]["config_hash"] in config and "available" in config
+    assert web["manifest"].config_hash in config and "available" in config
     target = ids[int(np.nanargmax(s))]
     page.hover(f"#scatter a.point[data-lora-id='{target}']", force=True)
     name = sig["name"].to_pylist()[ids.index(target)] or target
@@ -398,7 +398,7 @@ def test_thumbnails_png_is_the_stored_images_base_above_lora(web):
     thumbs = snap.table("thumbs").to_pylist()
     lid = thumbs[0]["lora_id"]
     mine = sorted((t["prompt_idx"], t["png"]) for t in thumbs if t["lora_id"] == lid)
-    base = {b["prompt_idx"]: b["thumb"] for b in snap.base(snap.manifest["base_key"]).to_pylist() if b["seed_idx"] == 0}
+    base = {b["prompt_idx"]: b["thumb"] for b in snap.base(snap.manifest.base_key).to_pylist() if b["seed_idx"] == 0}
     r = requests.get(f"{web['url']}/loras/{lid}/thumbnails", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and "max-age" in r.headers["cache-control"]
     grid = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
@@ -438,7 +438,7 @@ def test_profile_duplicates_categories_and_metadata_check(web):
     assert twins and twins <= {x["lora_id"] for x in prof["duplicates"]}
     # the metadata check: its words as a query, ranked among all LoRAs by plain numpy cosines
     check = prof["metadata_check"]
-    text = metadata_text(row["name"], row["trigger_words"], row["description"], web["manifest"]["query"]["max_query_chars"])
+    text = metadata_text(row["name"], row["trigger_words"], row["description"], web["manifest"].query["max_query_chars"])
     assert check["query"] == text and "<img" not in text and "<script" not in text and "ok-word" in text
     q = web["encoder"].encode([text])[0].astype(np.float64)
     dirs = np.array([x["direction"] for x in sig], dtype=np.float64)

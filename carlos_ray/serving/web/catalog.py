@@ -27,9 +27,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from carlos_ray.report import Thresholds, near_duplicate_groups, quadrant_labels
-from carlos_ray.service import ServiceError
+from carlos_ray.report.analysis import near_duplicate_groups, quadrant_labels
+from carlos_ray.serving.errors import ServiceError
 from carlos_ray.store import Snapshot
+from carlos_ray.thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class Catalog:
 
     def __init__(self, snapshot: Snapshot):
         m = snapshot.manifest
-        self.version = int(m.get("version", 0))
+        self.version = int(m.version)
         self.manifest = m
         table = snapshot.signatures()
         if table is None or table.num_rows == 0:
@@ -216,7 +217,7 @@ class Catalog:
         self.strength = np.array([np.nan if r["strength"] is None else r["strength"] for r in self.rows], dtype=np.float64)
         self.consistency = np.array([np.nan if r["consistency"] is None else r["consistency"] for r in self.rows],
                                     dtype=np.float64)
-        th = m.get("thresholds") or {}
+        th = m.thresholds or {}
         self.thresholds = Thresholds(_finite(th.get("max_strength")), _finite(th.get("min_consistency")),
                                      str(th.get("source") or "manifest"))
         self.quadrants = quadrant_labels(self.strength, self.consistency, self.thresholds)
@@ -241,13 +242,13 @@ class Catalog:
                 if png is not None:
                     self._thumb_rows.setdefault(str(lid), {})[int(p)] = png
         self._base_thumbs: dict[int, bytes] = {}
-        base_key = m.get("base_key")
+        base_key = m.base_key
         base = snapshot.base(base_key) if base_key and self._thumb_rows else None
         if base is not None and "thumb" in base.column_names:
             for p, s, t in zip(base["prompt_idx"].to_pylist(), base["seed_idx"].to_pylist(), base["thumb"].to_pylist()):
                 if s == 0 and t is not None:
                     self._base_thumbs[int(p)] = t
-        self._prompt_ids = list((m.get("prompt_set") or {}).get("ids") or [])
+        self._prompt_ids = list((m.prompt_set or {}).get("ids") or [])
         self._png_cache: OrderedDict[str, bytes] = OrderedDict()
         self._png_lock = threading.Lock()
 

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
-from carlos_ray.service import ServiceError
+from carlos_ray.serving.errors import ServiceError
 from carlos_ray.serving.web.catalog import Catalog
 from carlos_ray.store import Index
 
