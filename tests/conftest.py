@@ -124,7 +124,7 @@ def served(ray_session, built_index, tmp_path_factory):
     ignore = shutil.ignore_patterns(".writer.lock")
     shutil.copytree(built_index["index"], idx, ignore=ignore)
     hostile_id = _add_hostile_lora(idx)
-    shutil.copytree(built_index["index"], ref, ignore=ignore)
+    shutil.copytree(idx, ref, ignore=ignore)  # the same LoRAs: /ref answers /similar exactly like /
     manifest = json.loads((ref / "manifest.json").read_text())
     manifest["encoder"] = REF_ENCODER
     (ref / "manifest.json").write_text(json.dumps(manifest))

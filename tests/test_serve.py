@@ -39,7 +39,8 @@ def env(served):
     idx = served["idx"]
     ranker, manifest = load_ranker(str(idx))
     ids = Index(str(idx)).snapshot().signatures().column("lora_id").to_pylist()
-    return {**served, "ranker": ranker, "manifest": manifest, "encoder": load_query_encoder(manifest), "manifest_ids": ids}
+    return {**served, "ranker": ranker, "manifest": manifest.model_dump(), "encoder": load_query_encoder(manifest),
+            "manifest_ids": ids}
 
 
 def _get(env, path, **params):
@@ -411,7 +412,7 @@ def test_index_swap_under_load_fails_no_request(env):
     row = old.slice(0, 1).to_pylist()[0]
     row.update(lora_id="swapped-in", name="swapped in", direction=[-x for x in row["direction"]])
     with index:
-        index.commit({"signatures": pa.Table.from_pylist([row], schema=old.schema)}, fields={"note": "swap test"})
+        index.commit({"signatures": pa.Table.from_pylist([row], schema=old.schema)})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and _get(env, "/index").json()["version"] != v0 + 1:
         time.sleep(0.1)
