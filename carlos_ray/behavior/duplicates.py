@@ -20,6 +20,7 @@ threshold minus a rounding slack and rescored in float64. Peak extra memory is
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -305,3 +306,37 @@ def duplicates_of(
     dups.sort(key=lambda p: (-p.score, p.a, p.b))
     rel.sort(key=lambda p: (-p.cosine, p.a, p.b))
     return dups, rel
+
+
+# ---- names -------------------------------------------------------------------------------------------
+_BRACKETS = re.compile(r"[\(\[\{（【《「『<][^\)\]\}）】》」』>]*[\)\]\}）】》」』>]")
+_MARKERS = {
+    "xl", "sdxl", "sd", "sd1", "sd15", "sd1.5", "1.5", "lora", "loras", "lycoris", "locon", "loha", "lokr", "dora",
+    "pony", "illustrious", "illu", "il", "flux", "f1d", "for", "by", "and", "the", "a", "of", "style", "model",
+    "final", "real", "v", "version", "full", "base", "turbo", "1.0", "10",
+}
+_VERSION = re.compile(r"^(v|ver)?\d+([._]\d+)*[a-z]?$")
+NAME_STEM_DEFINITION = (
+    "name stem = the first word of the name that is not a marker: lower-cased, bracketed parts removed "
+    "((), [], 【】, 《》, ...), split on anything that is not a letter or digit, dropping version tokens "
+    "(v2, 1.0, 244808) and the words " + ", ".join(sorted(_MARKERS)) + ", and an 'xl' / 'sdxl' glued to the end "
+    "of a word (ParchartXL -> parchart); two LoRAs share a stem when both stems are non-empty and equal"
+)
+
+
+def name_stem(name: str | None) -> str:
+    """The stem of a LoRA name (see ``NAME_STEM_DEFINITION``); '' when nothing is left."""
+    if not name:
+        return ""
+    text = _BRACKETS.sub(" ", str(name).lower())
+    for token in re.split(r"[^\w.]+|_", text):
+        token = token.strip(".")
+        if not token or token in _MARKERS or _VERSION.match(token):
+            continue
+        for suffix in ("sdxl", "xl"):
+            if token.endswith(suffix) and len(token) > len(suffix) + 2:
+                token = token[: -len(suffix)]
+                break
+        if token and token not in _MARKERS:
+            return token
+    return ""

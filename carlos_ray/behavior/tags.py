@@ -245,10 +245,11 @@ def assign_tags(
             passes = score >= margin
         score = np.where(tag_ok[None, :] & np.isfinite(score), score, -np.inf)
         order = np.argsort(-score, axis=1, kind="stable")[:, :k]
-        for r in range(c.shape[0]):
-            if not valid[r] or not np.isfinite(score[r, order[r, 0]]):
-                continue
-            top1[s + r] = int(order[r, 0])
-            out[s + r] = [(int(t), float(score[r, t])) for t in order[r] if passes[r, t] and np.isfinite(score[r, t])]
+        top_score = np.take_along_axis(score, order, axis=1)
+        top_pass = np.take_along_axis(passes, order, axis=1) & np.isfinite(top_score)
+        ok = valid & np.isfinite(top_score[:, 0])
+        top1[s : s + c.shape[0]] = np.where(ok, order[:, 0], -1)
+        for r, o, sc, p in zip(np.flatnonzero(ok).tolist(), order[ok].tolist(), top_score[ok].tolist(), top_pass[ok].tolist()):
+            out[s + r] = [(t, v) for t, v, keep in zip(o, sc, p) if keep]
     settings = {"max_tags": int(max_tags), "z_min": z_min, "min_cosine": min_cosine, "margin": margin}
     return TagAssignment(out, top1, calibration, settings)
