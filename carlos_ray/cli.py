@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from carlos_ray import cli_retrieval  # noqa: F401  (registers query, similar, serve)
     from carlos_ray import cli_report  # noqa: F401  (registers import-reference, report)
+    from carlos_ray import cli_behavior  # noqa: F401  (registers tags, groups, duplicates)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

@@ -112,9 +112,12 @@ def _words(value: Any) -> list[str]:
 
 
 def collect_sources(
-    sources: Iterable[str | os.PathLike], targets: dict | None, allowed_roots: list[str] | None = None
+    sources: Iterable[str | os.PathLike], targets: dict | None, allowed_roots: list[str] | None = None,
+    aliases: list[dict] | None = None,
 ) -> tuple[list[LoraJob], list[dict], int]:
-    """Inspect every LoRA named by the sources (directories, files, manifests): (jobs, rejects, duplicates)."""
+    """Inspect every LoRA named by the sources (directories, files, manifests): (jobs, rejects, duplicates).
+
+    ``aliases``, if given, receives ``{"sha256", "lora_id", "path"}`` for every skipped copy of a file already seen."""
     from carlos_ray.lora import LoraRejected, check_compatible, discover_loras, inspect_lora, read_sidecar
 
     candidates: list[tuple[Path, dict, list[str] | None]] = []
@@ -151,6 +154,8 @@ def collect_sources(
         if lora_id in jobs:
             duplicates += 1
             logger.info("%s is a duplicate of %s (same SHA-256): indexed once", path, jobs[lora_id].path)
+            if aliases is not None:
+                aliases.append({"sha256": info.sha256, "lora_id": lora_id, "path": str(info.path)})
             continue
         side = read_sidecar(info.path, metadata=info.metadata)
         extra = side.extra or {}
@@ -590,7 +595,8 @@ def run_index(
     index = Index(index_uri)
     with index:
         index.init(plan.manifest_fields())
-        jobs, rejects, summary.duplicates = collect_sources(sources, generator_lora_targets(cfg.generator))
+        aliases: list[dict] = []
+        jobs, rejects, summary.duplicates = collect_sources(sources, generator_lora_targets(cfg.generator), aliases=aliases)
         summary.inspect_seconds = time.time() - t0
         snap = index.snapshot()  # one read serves the skip lists and the base-cache check below
         done = snap.indexed_ids()
@@ -609,8 +615,14 @@ def run_index(
         known_rejects = set(rej.column("path").to_pylist())
         new_rejects = [r for r in rejects if r["path"] not in known_rejects]
         summary.rejects = list(rejects)
-        if new_rejects:
-            index.commit({"rejects": rejects_table(new_rejects, plan.config_hash)})
+        known_aliases = snap.table("aliases", columns=["lora_id", "path"])
+        known_aliases = set() if known_aliases is None else set(zip(known_aliases["lora_id"].to_pylist(), known_aliases["path"].to_pylist()))
+        new_aliases = [a for a in aliases if (a["lora_id"], a["path"]) not in known_aliases]
+        if new_rejects or new_aliases:
+            from carlos_ray.behavior.index import aliases_table
+
+            index.commit({"rejects": rejects_table(new_rejects, plan.config_hash) if new_rejects else None,
+                          "aliases": aliases_table(new_aliases) if new_aliases else None})
         logger.info("%d LoRAs usable (%d already indexed, %d duplicates), %d rejected",
                     len(jobs), summary.skipped, summary.duplicates, len(rejects))
         ensure_ray(address)

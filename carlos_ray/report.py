@@ -642,11 +642,15 @@ def build_report(index_uri: str, out_dir: str | Path, *, max_grids: int = MAX_GR
                              out / "grids" / f"{_safe_name(ids[i])}.png")
             grids.append((i, path))
 
+    from carlos_ray.behavior.report import behavior_section
+
+    behavior_html, behavior_files = behavior_section(snap, table, out, thresholds.max_strength, thresholds.min_consistency)
+    files.update(behavior_files)
     page = _render_html(
         index_uri=str(index_uri), manifest=m, n=n, title=title, thresholds=thresholds, quadrants=quadrants,
         ids=ids, names=names, strength=strength, consistency=consistency, labelled=labelled, files=files,
         cat_note=cat_note, groups=groups, dup_rows=dup_rows, dup_header=dup_header, grids=grids, grid_note=grid_note,
-        out=out,
+        out=out, behavior_html=behavior_html,
     )  # fmt: skip
     path = out / "index.html"
     path.write_text(page, encoding="utf-8")
@@ -667,7 +671,7 @@ def _describe(spec: Any) -> str:
 def _render_html(*, index_uri: str, manifest: dict, n: int, title: str, thresholds: Thresholds, quadrants: list[str],
                  ids: list[str], names: list[str], strength: np.ndarray, consistency: np.ndarray, labelled: list[int],
                  files: dict[str, Path], cat_note: str, groups: list[list[int]], dup_rows: list, dup_header: list[str],
-                 grids: list[tuple[int, Path]], grid_note: str, out: Path) -> str:
+                 grids: list[tuple[int, Path]], grid_note: str, out: Path, behavior_html: str = "") -> str:
     def rel(p: Path) -> str:
         return html.escape(p.relative_to(out).as_posix(), quote=True)
 
@@ -735,6 +739,7 @@ def _render_html(*, index_uri: str, manifest: dict, n: int, title: str, threshol
     if groups:
         parts.append(_html_table(dup_header, dup_rows))
     parts.append(f'<p><a href="{rel(files["near_duplicates_csv"])}">near_duplicates.csv</a></p>')
+    parts.append(behavior_html)
     parts.append("<h2>Base vs LoRA images</h2>")
     if grid_note:
         parts.append(f'<p class="note">{e(grid_note)}</p>')

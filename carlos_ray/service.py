@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from carlos_ray.behavior import api as behavior_api
+from carlos_ray.behavior.api import TagModel
+from carlos_ray.behavior.index import BehaviorView
 from carlos_ray.config import EncoderSpec, QuerySpec, SamplingSpec, StrictModel
 from carlos_ray.ranker import Hit, Ranker, UnknownLora
 from carlos_ray.store import MANIFEST, Index, IndexError_
@@ -119,6 +122,7 @@ class Filters(BaseModel):
 
 class SearchResponse(Filters):
     query: str
+    tag: str | None = Field(None, description="Tag filter: only LoRAs carrying this tag (null: none).")
     hits: list[HitModel]
 
 
@@ -151,6 +155,8 @@ class LoraResponse(BaseModel):
     index_version: int
     dim: int = Field(..., description="Width of the direction vector (not included; it is the index's raw data).")
     signature: dict[str, Any] = Field(..., description="The LoRA's row of the signatures table, without `direction`.")
+    tags: list[TagModel] | None = Field(None, description="Behavioural tags, best first (null: the index has no tags yet).")
+    exact_copies: list[str] = Field(default_factory=list, description="Other paths of this very file (same SHA-256), indexed once.")
 
 
 class IndexResponse(BaseModel):
@@ -254,6 +260,12 @@ def load_ranker(index_uri: str) -> tuple[Ranker, dict]:
     """A Ranker over one consistent snapshot of the index (manifest thresholds as default filters) and its manifest."""
     snap = Index(index_uri).snapshot()
     return _ranker_from_snapshot(snap, index_uri), snap.manifest
+
+
+def load_fixed_index(index_uri: str) -> "FixedIndex":
+    """One consistent snapshot of the index as a FixedIndex: its ranker, manifest, tags and exact copies."""
+    snap = Index(index_uri).snapshot()
+    return FixedIndex(_ranker_from_snapshot(snap, index_uri), snap.manifest, snap)
 
 
 def encoder_spec_from_manifest(manifest: dict, device: str | None = None) -> EncoderSpec:
@@ -407,6 +419,7 @@ class IndexState:
     ranker: Ranker
     manifest: dict
     loaded_at: float
+    behavior: BehaviorView | None = None
 
     @property
     def version(self) -> int:
@@ -432,7 +445,8 @@ class IndexWatcher:
         self.reloads = 0
         stamp = self._stamp()
         snap = self.index.snapshot()
-        self._state = IndexState(_ranker_from_snapshot(snap, index_uri), snap.manifest, time.time())
+        ranker = _ranker_from_snapshot(snap, index_uri)
+        self._state = IndexState(ranker, snap.manifest, time.time(), BehaviorView.from_ranker(ranker, snap))
         self._seen = stamp
 
     @property
@@ -459,7 +473,8 @@ class IndexWatcher:
                 return False
             t0 = time.perf_counter()
             ranker = _ranker_from_snapshot(snap, self.index.uri)
-            self._state = IndexState(ranker, snap.manifest, time.time())  # the swap: one reference assignment
+            behavior = BehaviorView.from_ranker(ranker, snap)
+            self._state = IndexState(ranker, snap.manifest, time.time(), behavior)  # the swap: one reference assignment
             self._seen = stamp
             self.reloads += 1
             self.last_error = None
@@ -496,8 +511,8 @@ class IndexWatcher:
 class FixedIndex:
     """One loaded index version that never changes (the CLI answers a single request from it)."""
 
-    def __init__(self, ranker: Ranker, manifest: dict):
-        self.state = IndexState(ranker, manifest, time.time())
+    def __init__(self, ranker: Ranker, manifest: dict, snapshot: Any = None):
+        self.state = IndexState(ranker, manifest, time.time(), BehaviorView.from_ranker(ranker, snapshot))
         self.last_error: str | None = None
 
     def refresh(self, force: bool = False) -> bool:
@@ -517,9 +532,11 @@ class RankerService:
         watcher.start()
         return cls(watcher)
 
-    def search(self, vectors: np.ndarray, k: int, max_strength: float | None, min_consistency: float | None) -> dict:
-        """Top-k hits for each row of ``vectors`` (B, d) on the current index version."""
+    def search(self, vectors: np.ndarray, k: int, max_strength: float | None, min_consistency: float | None,
+               tag: str | None = None) -> dict:
+        """Top-k hits for each row of ``vectors`` (B, d) on the current index version (``tag``: only LoRAs carrying it)."""
         state = self.watcher.state
+        only = None if tag is None else state.behavior.with_tag(behavior_api.check_tag(state.behavior, tag))
         q = np.asarray(vectors, dtype=np.float64)
         if q.ndim != 2 or q.shape[1] != state.ranker.dim:
             raise ServiceError(503, "index_encoder_mismatch", f"query vectors have width {q.shape[-1]} but the index "
@@ -529,10 +546,32 @@ class RankerService:
         if bad.size:
             raise ServiceError(422, "query_has_no_effect", f"query {int(bad[0])} leaves every context prompt's text features "
                                "unchanged (e.g. it has no tokens the tokenizer keeps); try other words")
-        hits = state.ranker.search(q, k=k, max_strength=max_strength, min_consistency=min_consistency)
+        hits = state.ranker.search(q, k=k, max_strength=max_strength, min_consistency=min_consistency, only=only)
         ms, mc = effective_thresholds(state.ranker, max_strength, min_consistency)
-        return {"k": k, "max_strength": ms, "min_consistency": mc, "index_version": state.version,
+        return {"k": k, "max_strength": ms, "min_consistency": mc, "index_version": state.version, "tag": tag,
                 "hits": [[h.model_dump() for h in hit_models(row)] for row in hits]}
+
+    def check_tag(self, tag: str) -> str:
+        """The tag as the index spells it, or ServiceError 409 (index untagged) / 422 (unknown tag)."""
+        return behavior_api.check_tag(self.watcher.state.behavior, tag)
+
+    def tags(self) -> dict:
+        """The index's tag vocabulary in use (ServiceError 409 when it has no tags yet)."""
+        state = self.watcher.state
+        return behavior_api.tags_response(state.behavior, state.version)
+
+    def tagged(self) -> bool:
+        return self.watcher.state.behavior.tagged
+
+    def groups(self, min_size: int = 1, limit: int = 100) -> dict:
+        """Content groups of the LoRAs inside the thresholds (computed once per index version)."""
+        state = self.watcher.state
+        return behavior_api.groups_response(state.behavior, state.version, min_size, limit)
+
+    def duplicates(self, lora_id: str, min_cosine: float, min_strength_ratio: float) -> dict:
+        """Exact copies, behavioural duplicates and scale relatives of one LoRA."""
+        state = self.watcher.state
+        return behavior_api.duplicates_response(state.behavior, state.version, lora_id, min_cosine, min_strength_ratio)
 
     def similar(self, lora_id: str, k: int, max_strength: float | None, min_consistency: float | None) -> dict:
         state = self.watcher.state
@@ -553,7 +592,9 @@ class RankerService:
         except UnknownLora as e:
             raise ServiceError(404, "unknown_lora", str(e)) from None
         row.pop("direction", None)
-        return {"lora_id": lora_id, "index_version": state.version, "dim": state.ranker.dim, "signature": _json_safe(row)}
+        return {"lora_id": lora_id, "index_version": state.version, "dim": state.ranker.dim, "signature": _json_safe(row),
+                "tags": behavior_api.tag_models(state.behavior, lora_id),
+                "exact_copies": state.behavior.aliases.get(lora_id, [])}
 
     def summary(self) -> dict:
         """Manifest summary and counts of the version being served (no local paths)."""
