@@ -13,7 +13,11 @@ pairs, the scale families and the largest groups, with their Civitai names, and 
 pairs share a name stem (definition printed). Tags are not computed there: the index has no text
 encoder on this machine (ViT-B/32 weights cannot be downloaded).
 
-    python benchmarks/bench_behavior.py [--quick] [--out results.json]
+Part 3 (``--zoo-index DIR --zoo-json zoo.json``): the issue's targets on an index of the micro zoo
+(top-1 tag per calibration, groups ARI, planted duplicate pairs, scale family); the calibration with
+the best top-1 is the one stored in the index.
+
+    python benchmarks/bench_behavior.py [--quick] [--out results.json] [--zoo-index DIR --zoo-json FILE [--zoo-only]]
 """
 
 from __future__ import annotations
@@ -214,6 +218,44 @@ def part_real(top: int, min_cosine: float, min_ratio: float) -> dict:
     return out
 
 
+def part_zoo(index_uri: str, zoo_json: Path) -> dict:
+    """The issue's targets on an index of the micro zoo, every tag calibration compared; tags stored with the best."""
+    from carlos_ray.behavior.evaluate import evaluate, truth_from_zoo
+    from carlos_ray.behavior.index import _directions, cached_tag_vectors, tag_index
+    from carlos_ray.behavior.tags import TagVocabulary, tag_cache_key
+    from carlos_ray.store import Index
+
+    summary = tag_index(index_uri, vocabulary="micro")  # computes (or reuses) the tag vectors with the index's encoder
+    snap = Index(index_uri).snapshot()
+    table = snap.signatures()
+    vocab = TagVocabulary.from_file("micro")
+    vectors = cached_tag_vectors(snap, tag_cache_key(vocab, snap.manifest), vocab)
+    ids = table["lora_id"].to_pylist()
+    s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
+    th = snap.manifest.get("thresholds") or {}
+    inside = (s <= (th.get("max_strength") or np.inf)) & (c >= (th.get("min_consistency") or -np.inf))
+    truth = truth_from_zoo(json.loads(Path(zoo_json).read_text()), ids)
+    res = evaluate(ids, _directions(table), s, vectors, vocab.tags, truth, include=inside)
+    print(f"\n## Micro zoo: {len(ids)} LoRAs, {res['behaviour_loras']} with a planted behaviour\n")
+    print("| measure | value | target | met |")
+    print("| --- | ---: | ---: | :---: |")
+    for cal in res["tags"]:
+        print(f"| top-1 tag = planted ({cal}) | {res['tags'][cal]['top1_accuracy']:.3f} | >= 0.9 | "
+              f"{'yes' if res['tags'][cal]['top1_accuracy'] >= 0.9 else 'no'} |")
+    print(f"| groups ARI vs planted | {res['groups']['ari']:.3f} | >= 0.8 | {'yes' if res['targets']['ari'] else 'no'} |")
+    d = res["duplicates"]
+    print(f"| planted near-duplicate pairs found | {d['planted_found']}/{d['planted_pairs']} | all | "
+          f"{'yes' if d['planted_found'] == d['planted_pairs'] else 'no'} |")
+    print(f"| different-behaviour pairs called duplicates | {len(d['different_behaviour_pairs'])} | 0 | "
+          f"{'yes' if not d['different_behaviour_pairs'] else 'no'} |")
+    print(f"| scale families reported as one | {d['scale_families_found']}/{d['scale_families_planted']} | all | "
+          f"{'yes' if res['targets']['scale_family'] else 'no'} |")
+    print(f"\nChosen calibration (best top-1): {res['calibration']}")
+    if res["calibration"] != summary["calibration"]:
+        tag_index(index_uri, vocabulary="micro", calibration=res["calibration"])
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5,000 synthetic signatures (< 1 min)")
@@ -224,11 +266,19 @@ def main() -> None:
     parser.add_argument("--min-strength-ratio", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--zoo-index", default=None, help="an index of the micro zoo: measure the issue's targets on it")
+    parser.add_argument("--zoo-json", type=Path, default=None, help="the zoo's zoo.json (ground truth)")
+    parser.add_argument("--zoo-only", action="store_true", help="only the micro-zoo measurement")
     args = parser.parse_args()
     n, naive_n = (5_000, 2_000) if args.quick else (args.n, args.naive_n)
     result = {"machine": {"python": platform.python_version(), "platform": platform.platform()}}
-    result["synthetic"] = part_synthetic(n, naive_n, args.seed)
-    result["real"] = part_real(args.top, args.min_cosine, args.min_strength_ratio)
+    if (args.zoo_index is None) != (args.zoo_json is None):
+        parser.error("--zoo-index and --zoo-json go together")
+    if not args.zoo_only:
+        result["synthetic"] = part_synthetic(n, naive_n, args.seed)
+        result["real"] = part_real(args.top, args.min_cosine, args.min_strength_ratio)
+    if args.zoo_index:
+        result["zoo"] = part_zoo(args.zoo_index, args.zoo_json)
     result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nprocess peak RSS {result['max_rss_mb']:.0f} MB")
     if args.out:

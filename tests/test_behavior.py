@@ -266,3 +266,50 @@ def test_tag_vectors_equal_the_plain_query_encoder_and_vocabulary_checks(tmp_pat
         TagVocabulary.from_file(bad)
     with pytest.raises(ValueError, match="calibration"):
         assign_tags(np.ones((2, 3)), np.ones((2, 3)), calibration="best")
+
+
+# ---- evaluation against planted truth --------------------------------------------------------------
+def test_evaluate_against_planted_truth_and_a_corrupted_one():
+    from carlos_ray.behavior.evaluate import Truth, evaluate
+
+    rng = np.random.default_rng(4)
+    t, d = 12, 64
+    tags = rng.standard_normal((t, d))
+    words = [f"w{i}" for i in range(t)]
+    planted = list(range(t)) * 2  # 24 behaviour LoRAs, two per word
+    x = np.vstack([tags[p] + 0.3 * rng.standard_normal(d) for p in planted])
+    s = rng.uniform(2, 4, len(planted))
+    x = np.vstack([x, x[0] + 0.01 * rng.standard_normal(d), x[1] * 2.0 + 0.01 * rng.standard_normal(d)])
+    s = np.r_[s, s[0] * 1.02, s[1] * 2.0]  # row 24: near-duplicate of row 0; row 25: row 1 at twice the strength
+    ids = [f"l{i}" for i in range(26)]
+    behaviour = {ids[i]: words[p] for i, p in enumerate(planted)} | {"l24": words[0], "l25": words[1]}
+    truth = Truth(behaviour, near_duplicates=[("l0", "l24")], scale_families=[["l1", "l25"]])
+    res = evaluate(ids, x, s, tags, words, truth)
+    assert res["tags"]["zscore"]["top1_accuracy"] == 1.0 and res["calibration"] == "zscore"
+    assert res["groups"]["ari"] == pytest.approx(1.0)
+    assert res["duplicates"]["planted_found"] == 1 and res["duplicates"]["different_behaviour_pairs"] == []
+    assert all(res["targets"].values()), res["targets"]
+    # plant a wrong behaviour on the duplicate: one top-1 miss of 26, and a different-behaviour duplicate pair
+    truth.behaviour["l24"] = words[5]
+    res = evaluate(ids, x, s, tags, words, truth)
+    assert res["tags"]["zscore"]["top1_accuracy"] == pytest.approx(25 / 26)
+    assert res["duplicates"]["different_behaviour_pairs"] == [("l0", "l24")]
+    assert res["targets"]["duplicates"] is False and res["groups"]["ari"] < 1.0
+
+
+def test_truth_from_a_zoo_json():
+    from carlos_ray.behavior.evaluate import truth_from_zoo
+
+    def m(name, run, role, planted, behaviour, scale=1.0):
+        return {"name": name, "run": run, "role": role, "planted": planted, "behaviour": behaviour, "scale": scale,
+                "sha256": (name * 16)[:16] + "0" * 48}
+
+    doc = {"members": [m("a", "r1", "style", "striped", "style:striped"), m("b", "r2", "near_duplicate", "striped", "style:striped"),
+                       m("c", "r3", "style", "grayscale", "style:grayscale"), m("d", "r3", "scale_family", "grayscale", "style:grayscale", 2.0),
+                       m("e", "r3", "scale_family", "grayscale", "style:grayscale", 0.5), m("f", "r4", "erratic", None, "erratic"),
+                       m("g", "r5", "style", "sepia", "style:sepia")]}
+    ids = [(x * 16)[:16] for x in "abcdef"]  # g is not in the index
+    truth = truth_from_zoo(doc, ids)
+    assert truth.behaviour == {ids[0]: "striped", ids[1]: "striped", ids[2]: "grayscale", ids[3]: "grayscale", ids[4]: "grayscale"}
+    assert truth.near_duplicates == [(ids[1], ids[0])]
+    assert truth.scale_families == [[ids[4], ids[2], ids[3]]]
