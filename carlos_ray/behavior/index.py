@@ -239,7 +239,13 @@ class BehaviorView:
     def grouping(self) -> Grouping:
         with self._lock:
             if self._grouping is None:
-                self._grouping = group_directions(self.unit, include=self.inside, seed=self.seed)
+                # in lora_id order, so every view of the same index (service, report) numbers the groups alike
+                order = np.argsort(np.array(self.ids, dtype=object), kind="stable")
+                g = group_directions(self.unit[order], include=self.inside[order], seed=self.seed)
+                labels = np.empty_like(g.labels)
+                labels[order] = g.labels
+                g.labels = labels
+                self._grouping = g
             return self._grouping
 
     def groups(self) -> tuple[Grouping, list[GroupInfo]]:
