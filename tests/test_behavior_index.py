@@ -14,7 +14,8 @@ import pytest
 from carlos_ray.behavior.index import tag_index
 from carlos_ray.behavior.tags import TagVocabulary
 from carlos_ray.cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, main
-from carlos_ray.service import RankerService, ServiceError, load_fixed_index
+from carlos_ray.serving import RankerService, ServiceError
+from carlos_ray.serving.loading import load_fixed_index
 from carlos_ray.store import Index
 
 

@@ -88,7 +88,7 @@ class DuplicatesResponse(BaseModel):
 
 # ---- checks ----------------------------------------------------------------------------------------
 def _service_error(status: int, error: str, detail: str) -> Exception:
-    from carlos_ray.service import ServiceError
+    from carlos_ray.serving.errors import ServiceError
 
     return ServiceError(status, error, detail)
 

@@ -53,11 +53,11 @@ DEFAULT_MIN_COSINE = 0.95
 DEFAULT_MIN_STRENGTH_RATIO = 0.8
 
 
-def default_vocabulary_name(manifest: dict) -> str:
+def default_vocabulary_name(manifest: Any) -> str:
     """``conf/tags/<config_name>.yaml`` when the index's profile ships one, else ``paper``."""
-    from carlos_ray.prompts import resolve_conf_path
+    from carlos_ray.paths import resolve_conf_path
 
-    name = str(manifest.get("config_name") or "")
+    name = str(manifest.config_name or "")
     if name and "/" not in name:
         try:
             resolve_conf_path(Path("conf") / "tags" / f"{name}.yaml")
@@ -84,7 +84,7 @@ def tag_index(
 ) -> dict:
     """Tag every LoRA of the index and store the tags (and the cached tag vectors) in it.
 
-    ``encoder`` defaults to the index's own query encoder (:func:`carlos_ray.service.load_query_encoder`,
+    ``encoder`` defaults to the index's own query encoder (:func:`carlos_ray.serving.loading.load_query_encoder`,
     which raises ``EncoderUnavailable`` when its weights are not on this machine). ``settings`` go
     to :func:`~carlos_ray.behavior.tags.assign_tags` (``max_tags``, ``z_min``, ``margin``, ``min_cosine``)."""
     from carlos_ray.store import Index
@@ -101,7 +101,7 @@ def tag_index(
     cached = vectors is not None
     if vectors is None:
         if encoder is None:
-            from carlos_ray.service import load_query_encoder
+            from carlos_ray.serving.loading import load_query_encoder
 
             encoder = load_query_encoder(manifest, device=device, allow_download=allow_download)
         vectors = tag_vectors(encoder, vocab.tags)
@@ -131,7 +131,7 @@ def tag_index(
     tagged = sum(1 for r in result.tags if r)
     logger.info("tagged %d of %d LoRAs with %d %s tags (%s; tag vectors %s)", tagged, len(ids), len(words), vocab.name,
                 calibration, "cached" if cached else "computed")
-    return {"index_version": int(m["version"]), "loras": len(ids), "tagged": tagged, "vectors_cached": cached, **tagging}
+    return {"index_version": int(m.version), "loras": len(ids), "tagged": tagged, "vectors_cached": cached, **tagging}
 
 
 def cached_tag_vectors(snapshot: Any, key: str, vocab: TagVocabulary) -> np.ndarray | None:
@@ -180,7 +180,7 @@ class BehaviorView:
         self.names = names
         self.pos = {lid: i for i, lid in enumerate(ids)}
         self.seed = seed
-        self.tagging = (snapshot.manifest.get("tagging") or None) if snapshot is not None else None
+        self.tagging = snapshot.manifest.tagging if snapshot is not None else None
         self.tags: dict[str, list[tuple[str, float]]] | None = None
         self.top1: dict[str, str | None] = {}
         t = snapshot.table("tags") if snapshot is not None else None

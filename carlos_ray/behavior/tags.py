@@ -82,7 +82,7 @@ class TagVocabulary(StrictModel):
     @classmethod
     def from_file(cls, path: str | Path) -> "TagVocabulary":
         """Load a vocabulary YAML (safe loader); a profile name such as ``paper`` means ``conf/tags/paper.yaml``."""
-        from carlos_ray.prompts import resolve_conf_path
+        from carlos_ray.paths import resolve_conf_path
 
         p = Path(path)
         if p.suffix not in (".yaml", ".yml") and "/" not in str(path):
@@ -101,13 +101,16 @@ class TagVocabulary(StrictModel):
             raise ValueError(f"{resolved}: {e}") from None
 
 
-def tag_cache_key(vocabulary: TagVocabulary, manifest: dict) -> str:
+def tag_cache_key(vocabulary: TagVocabulary, manifest: Any) -> str:
     """Everything a tag vector depends on: the words, the index's encoder, query joiner and context prompts."""
-    sampling = manifest.get("sampling") or {}
+    def field(name: str) -> Any:
+        return manifest.get(name) if isinstance(manifest, dict) else getattr(manifest, name, None)
+
+    sampling = field("sampling") or {}
     parts = {
         "tags": vocabulary.content_hash(),
-        "encoder": manifest.get("encoder") or {},
-        "query": {"joiner": (manifest.get("query") or {}).get("joiner", " ")},
+        "encoder": field("encoder") or {},
+        "query": {"joiner": (field("query") or {}).get("joiner", " ")},
         "context": [sampling.get("context_prompts"), sampling.get("context_subset")],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]

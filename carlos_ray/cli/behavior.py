@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 
-from carlos_ray.cli import _EXTRA_COMMANDS, EXIT_OK, EXIT_REJECTED, UsageError, _table
+from carlos_ray.cli.common import EXIT_OK, EXIT_REJECTED, UsageError, table as _table
 
 
 def _service(index: str):
-    from carlos_ray.service import RankerService, load_fixed_index
+    from carlos_ray.serving import RankerService
+    from carlos_ray.serving.loading import load_fixed_index
     from carlos_ray.store import IndexError_
 
     try:
@@ -26,7 +27,7 @@ def _usage(e: Exception) -> UsageError:
 def cmd_tags(args: argparse.Namespace) -> int:
     from carlos_ray.behavior.index import tag_index
     from carlos_ray.behavior.tags import CALIBRATIONS
-    from carlos_ray.service import EncoderUnavailable, ServiceError
+    from carlos_ray.serving import EncoderUnavailable, ServiceError
 
     if args.calibration is not None and args.calibration not in CALIBRATIONS:
         raise UsageError(f"--calibration must be one of {list(CALIBRATIONS)}, got {args.calibration!r}")
@@ -71,7 +72,7 @@ def cmd_tags(args: argparse.Namespace) -> int:
 
 def cmd_groups(args: argparse.Namespace) -> int:
     from carlos_ray.behavior.api import check_positive
-    from carlos_ray.service import ServiceError
+    from carlos_ray.serving import ServiceError
 
     try:
         min_size = check_positive("min_size", args.min_size, 100_000)
@@ -94,7 +95,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 def cmd_duplicates(args: argparse.Namespace) -> int:
     from carlos_ray.behavior.api import check_duplicate_thresholds
-    from carlos_ray.service import ServiceError
+    from carlos_ray.serving import ServiceError
 
     try:
         mc, mr = check_duplicate_thresholds(args.min_cosine, args.min_strength_ratio)
@@ -142,7 +143,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("tags", help="behavioural tags: compute them once per index (needs its text encoder), then list them")
     t.add_argument("lora_ids", nargs="*", help="show these LoRAs' tags (default: every tag in use, with counts)")
     t.add_argument("--index", required=True, help="index directory or URI")
@@ -174,7 +175,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--limit", type=int, default=50, help="pairs to print (default 50)")
     d.add_argument("--json", action="store_true", help="JSON (for one LoRA: the HTTP API's body)")
     d.set_defaults(func=cmd_duplicates)
-
-
-if register not in _EXTRA_COMMANDS:
-    _EXTRA_COMMANDS.append(register)
