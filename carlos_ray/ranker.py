@@ -33,7 +33,7 @@ import math
 import os
 import threading
 from collections import Counter
-from typing import Any, Literal, NamedTuple
+from typing import Any, Collection, Literal, NamedTuple
 
 import numpy as np
 
@@ -231,6 +231,14 @@ class Ranker:
     def __contains__(self, lora_id: object) -> bool:
         return lora_id in self._pos
 
+    def matrix(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
+        """(ids, unit directions float32 (N, d), strengths, consistencies, names), all in the ranker's row order.
+
+        Read-only views of what the ranker holds (tags, groups and duplicates reuse them; no copy)."""
+        x = self._x.view()
+        x.setflags(write=False)
+        return list(self._ids), x, self._strength, self._consistency, list(self._names)
+
     # -- queries ---------------------------------------------------------------------------
 
     def search(
@@ -239,12 +247,14 @@ class Ranker:
         k: int = 10,
         max_strength: float | None = None,
         min_consistency: float | None = None,
+        only: Collection[str] | None = None,
     ) -> list[Hit] | list[list[Hit]]:
         """Exact top-``k`` LoRAs by cosine to ``query_vec`` among those passing the filters.
 
         ``query_vec`` is ``(d,)`` (returns ``list[Hit]``) or ``(B, d)`` (one list per query).
         Thresholds given here override the ranker's defaults; pass ``math.inf`` / ``-math.inf``
-        to switch a default filter off. Ordered by score descending, then lora_id ascending.
+        to switch a default filter off. ``only`` restricts the search to these lora_ids (e.g. the
+        LoRAs carrying a tag). Ordered by score descending, then lora_id ascending.
         """
         k = self._check_k(k)
         max_s, min_c = self._thresholds(max_strength, min_consistency)
@@ -257,12 +267,16 @@ class Ranker:
         q = q.reshape(-1, self.dim).astype(np.float64)
         if not np.isfinite(q).all():
             raise ValueError("query_vec has non-finite values (NaN or inf)")
+        allowed = None
+        if only is not None:
+            allowed = np.zeros(len(self._ids), dtype=bool)
+            allowed[[self._pos[i] for i in only if i in self._pos]] = True
         results = []
         for i, row in enumerate(q):
             norm = math.sqrt(row @ row)
             if norm == 0.0:
                 raise ValueError(f"query vector {i} has zero norm; cosine similarity is undefined")
-            results.append(self._search_one(row / norm, k, max_s, min_c, exclude=None))
+            results.append(self._search_one(row / norm, k, max_s, min_c, exclude=None, allowed=allowed))
         return results[0] if single else results
 
     def similar(
@@ -341,7 +355,8 @@ class Ranker:
         return approx, err + _SLACK
 
     def _search_one(
-        self, q: np.ndarray, k: int, max_s: float | None, min_c: float | None, exclude: int | None
+        self, q: np.ndarray, k: int, max_s: float | None, min_c: float | None, exclude: int | None,
+        allowed: np.ndarray | None = None,
     ) -> list[Hit]:
         n = len(self._ids)
         # Rows are sorted by strength (NaN last), so strength <= max_s is a prefix [0, m).
@@ -352,6 +367,8 @@ class Ranker:
             np.putmask(approx, self._bad_mask(min_c)[:m], -np.inf)
         if exclude is not None and exclude < m:
             approx[exclude] = -np.inf
+        if allowed is not None:
+            np.putmask(approx, ~allowed[:m], -np.inf)
         lower = self._kth_lower_bound(approx, k)
         candidates = np.flatnonzero(approx >= max(lower - 2.0 * err, -3.0))  # disallowed rows are -inf
         return self._exact_top_k(candidates, q, k)

@@ -8,6 +8,9 @@ Layout::
     INDEX/data/base/<base_key>.parquet      base-image embeddings per (prompt, seed), shared by every LoRA
     INDEX/data/diffs/part-*.parquet         optional per-sample diffs (float16)
     INDEX/data/thumbs/part-*.parquet        optional small base/LoRA image pairs (PNG bytes)
+    INDEX/data/aliases/part-*.parquet       other paths of indexed files (exact duplicates: same SHA-256)
+    INDEX/data/tags/part-*.parquet          behavioural tags per LoRA (replaced as a whole by `carlos-ray tags`)
+    INDEX/data/tag_vectors/part-*.parquet   the tag vocabulary's reciprocal text vectors (a cache)
 
 Commits are atomic: parts are immutable and written first under fresh names; the manifest naming them
 is then swapped in by a single rename (local) or a single object PUT (object stores). A reader loads
@@ -39,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-TABLES = ("signatures", "rejects", "diffs", "thumbs")
+TABLES = ("signatures", "rejects", "diffs", "thumbs", "aliases", "tags", "tag_vectors")
 MANIFEST = "manifest.json"
 RETENTION_S = 600.0  # how long dropped parts outlive the manifest that stopped listing them
 MERGE_PARTS = 16  # a run of this many parts of one size class is merged into one part of the next class
@@ -89,6 +92,8 @@ class Manifest(BaseModel):
     source: str | None = Field(None, description="Where an imported index came from.")
     has_base_cache: bool | None = Field(None, description="False for an imported index without base images.")
     imported_from: dict[str, Any] | None = Field(None, description="Path and SHA-256 of an imported reference file.")
+    tagging: dict[str, Any] | None = Field(None, description="How the `tags` table was made: vocabulary, calibration, "
+                                           "settings and the cache key of the tag vectors (`carlos-ray tags`).")
 
     @classmethod
     def parse(cls, data: Any, where: str) -> "Manifest":
@@ -371,6 +376,19 @@ class Index:
                       version=m.version + 1, updated_at=now_iso(), retired=_retire(m, parts, m.base))
         self._write_manifest(m)
         self.collect_garbage(m, retention_s=retention_s)
+        return m
+
+    def replace_table(self, name: str, table: pa.Table | None, fields: dict | None = None) -> Manifest:
+        """Swap one table's parts for ``table`` (None or empty: drop it) in one manifest write; the old parts are retired."""
+        if name not in TABLES or name == "signatures":
+            raise ValueError(f"replace_table works on {[t for t in TABLES if t != 'signatures']}, got {name!r}")
+        m = self.read_manifest()
+        parts = {t: list(m.parts.get(t, [])) for t in TABLES}
+        parts[name] = []
+        parts = self._write_parts({name: table}, parts)
+        m = m.updated(**(fields or {}), parts=parts, counts={**m.counts, "parts": sum(len(v) for v in parts.values())},
+                      version=m.version + 1, updated_at=now_iso(), retired=_retire(m, parts, m.base))
+        self._write_manifest(m)
         return m
 
     def replace(self, fields: dict, tables: dict[str, pa.Table | None] | None = None) -> Manifest:

@@ -108,3 +108,18 @@ def test_bench_commit_quick(tmp_path):
     assert (store["mode"], store["n"], reread["mode"], reread["n"]) == ("store", 300, "reread", 150)
     assert store["parts_at_end"] < 300 and reread["parts_at_end"] == 150  # merged vs one part per commit
     assert {"first100_ms", "last100_ms", "ratio", "total_s"} <= set(store) and "ok" in data
+
+
+def test_bench_behavior_quick(tmp_path):
+    out = tmp_path / "behavior.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_behavior.py"), "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "| stage | seconds | peak MB | quality |" in proc.stdout and "share a name stem" in proc.stdout
+    result = json.loads(out.read_text())
+    syn, real = result["synthetic"], result["real"]
+    assert syn["blocked_vs_full"]["same_pairs"] is True  # the blocked scan finds exactly the full matrix's pairs
+    assert syn["duplicates"]["planted_recall"] == 1.0 and syn["grouping"]["ari"] > 0.9
+    assert syn["tagging"]["zscore"]["top1_accuracy"] > 0.9
+    assert real["n"] == 740 and len(real["top_pairs"]) == 20 and real["pairs"] >= 20
+    assert 0 <= real["pairs_same_stem"] <= real["pairs"]

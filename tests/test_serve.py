@@ -161,6 +161,57 @@ def test_openapi_docs(env):
     assert "post" in spec["paths"]["/search"] and "get" in spec["paths"]["/search"]
 
 
+def test_groups_and_duplicates_endpoints_match_the_index(env):
+    sig = Index(str(env["idx"])).snapshot().signatures()
+    ids = sig.column("lora_id").to_pylist()
+    d = np.array(sig.column("direction").to_pylist(), dtype=np.float64)
+    s = np.asarray(sig.column("strength").to_pylist(), dtype=np.float64)
+    c = np.asarray(sig.column("consistency").to_pylist(), dtype=np.float64)
+    norms = np.linalg.norm(d, axis=1)
+    th = env["manifest"]["thresholds"]
+    inside = (norms > 0) & (s <= (th.get("max_strength") or math.inf)) & (c >= (th.get("min_consistency") or -math.inf))
+    r = _get(env, "/groups", limit=10000)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["grouped"] == int(inside.sum()) and body["grouped"] + body["ungrouped"] == len(ids)
+    assert sorted(m["lora_id"] for g in body["groups"] for m in g["members"]) == sorted(i for i, k in zip(ids, inside) if k)
+    lid = _some_id(env)
+    row = ids.index(lid)
+    u = np.divide(d, norms[:, None], out=np.zeros_like(d), where=norms[:, None] > 0)
+    for min_cos in (0.95, 0.3):
+        r = _get(env, f"/loras/{lid}/duplicates", min_cosine=min_cos, min_strength_ratio=0.8)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        cos = u @ u[row]
+        ratio = np.minimum(s, s[row]) / np.maximum(s, s[row])
+        near = [j for j in range(len(ids)) if j != row and cos[j] >= min_cos]
+        assert {x["lora_id"] for x in body["duplicates"]} == {ids[j] for j in near if ratio[j] >= 0.8}
+        assert {x["lora_id"] for x in body["scale_relatives"]} == {ids[j] for j in near if ratio[j] < 0.8}
+    assert _get(env, f"/loras/{lid}").json()["tags"] is None  # the tiny index has no tags yet
+
+
+def test_behaviour_bad_input_and_tag_errors(env):
+    lid = _some_id(env)
+    _error(_get(env, "/loras/no-such-lora/duplicates"), 404, "unknown_lora", "no-such-lora")
+    _error(_get(env, f"/loras/{lid}/duplicates", min_cosine=1.5), 422, "invalid_threshold", "min_cosine")
+    _error(_get(env, f"/loras/{lid}/duplicates", min_strength_ratio="nan"), 422, "invalid_threshold", "min_strength_ratio")
+    _error(_get(env, f"/loras/{lid}/duplicates", min_cosine="abc"), 422, "invalid_request", "min_cosine")
+    _error(_get(env, "/groups", limit=0), 422, "invalid_limit")
+    _error(_get(env, "/groups", min_size=-3), 422, "invalid_min_size")
+    _error(_get(env, "/tags"), 409, "tags_not_computed", "carlos-ray tags")
+    _error(_get(env, "/search", q="watercolor", tag="striped"), 409, "tags_not_computed")
+    spec = _get(env, "/openapi.json").json()
+    for path in ("/groups", "/tags", "/loras/{lora_id}/duplicates"):
+        assert path in spec["paths"] and "200" in spec["paths"][path]["get"]["responses"], path
+    assert "tag" in {p["name"] for p in spec["paths"]["/search"]["get"]["parameters"]}
+    # /ref names ViT-B-32/openai, whose weights this machine does not have: tags fail exactly like /search
+    assert encoder_unavailable_reason(EncoderSpec(**REF_ENCODER)) is not None
+    same = _error(_get(env, "/ref/search", q="watercolor"), 503, "encoder_unavailable")
+    assert _error(_get(env, "/ref/tags"), 503, "encoder_unavailable") == same
+    assert _get(env, "/ref/groups").status_code == 200
+    assert _get(env, f"/ref/loras/{lid}/duplicates").status_code == 200
+
+
 # ---- bad input -----------------------------------------------------------------------------------------
 def test_bad_get_search_inputs_are_422_with_a_reason(env):
     limit = env["manifest"]["query"]["max_query_chars"]

@@ -15,13 +15,15 @@ HIT_COLUMNS = ["rank", "lora_id", "score", "strength", "consistency", "name"]
 
 
 def _load_ranker(index: str):
-    from carlos_ray.serving import load_ranker
+    """(ranker, manifest, FixedIndex) of one snapshot of the index (its tags and exact copies included)."""
+    from carlos_ray.serving.loading import load_fixed_index
     from carlos_ray.store import IndexError_
 
     try:
-        return load_ranker(index)
+        fixed = load_fixed_index(index)
     except (IndexError_, ValueError) as e:
         raise UsageError(str(e)) from None
+    return fixed.state.ranker, fixed.state.manifest, fixed
 
 
 def _print_hits(hits: list[dict], header: str) -> None:
@@ -45,11 +47,11 @@ def _checked(args: argparse.Namespace) -> tuple[int, float | None, float | None]
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from carlos_ray.serving import (EncoderUnavailable, FixedIndex, RankerService, SearchResponse, ServiceError,
-                                    check_query, load_query_encoder, query_spec_from_manifest, search_body)
+    from carlos_ray.serving import (EncoderUnavailable, RankerService, SearchResponse, ServiceError, check_query,
+                                    load_query_encoder, query_spec_from_manifest, search_body)
 
     k, ms, mc = _checked(args)
-    ranker, manifest = _load_ranker(args.index)
+    ranker, manifest, fixed = _load_ranker(args.index)
     try:
         text = check_query(args.text, query_spec_from_manifest(manifest).max_query_chars, where="the query")
     except ServiceError as e:
@@ -59,9 +61,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     except EncoderUnavailable as e:
         print(f"carlos-ray: error: cannot encode text queries for this index: {e}", file=sys.stderr)
         return EXIT_REJECTED
-    service = RankerService(FixedIndex(ranker, manifest))  # the same result shaping as the HTTP service
+    service = RankerService(fixed)  # the same result shaping as the HTTP service
     try:
-        out = service.search(encoder.encode([text]), k, ms, mc)
+        out = service.search(encoder.encode([text]), k, ms, mc, tag=args.tag)
     except ServiceError as e:
         raise UsageError(e.detail) from None
     result = SearchResponse(**search_body(out, [text]))
@@ -74,11 +76,11 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from carlos_ray.serving import FixedIndex, RankerService, ServiceError, SimilarResponse
+    from carlos_ray.serving import RankerService, ServiceError, SimilarResponse
 
     k, ms, mc = _checked(args)
-    ranker, manifest = _load_ranker(args.index)
-    service = RankerService(FixedIndex(ranker, manifest))
+    _, _, fixed = _load_ranker(args.index)
+    service = RankerService(fixed)
     try:
         result = SimilarResponse(**service.similar(args.lora_id, k, ms, mc))
     except ServiceError as e:
@@ -174,6 +176,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common(q)
     q.add_argument("--device", default=None, help="torch device of the query encoder (default: the index's)")
     q.add_argument("--allow-download", action="store_true", help="let the encoder download missing pretrained weights")
+    q.add_argument("--tag", default=None, help="only LoRAs carrying this behavioural tag (see `carlos-ray tags`)")
     q.set_defaults(func=cmd_query)
 
     s = sub.add_parser("similar", help="LoRAs whose behavior is closest to a given LoRA's (in-process)")

@@ -251,10 +251,12 @@ class IndexDriver:
         plan, summary, index = self.plan, self.summary, self.index
         with index:
             index.init(plan.manifest_fields())
-            jobs, rejects, summary.duplicates = collect_sources(sources, generator_lora_targets(plan.cfg.generator))
+            aliases: list[dict] = []
+            jobs, rejects, summary.duplicates = collect_sources(sources, generator_lora_targets(plan.cfg.generator),
+                                                                aliases=aliases)
             summary.inspect_seconds = time.time() - t0
             snap = index.snapshot()  # one read serves the skip lists and the base-cache check below
-            todo = self.select(jobs, rejects, snap)
+            todo = self.select(jobs, rejects, snap, aliases)
             ensure_ray(self.address)
             had_base = plan.base_key in snap.manifest.base  # a rejects commit does not change the base cache
             t1 = time.time()
@@ -274,8 +276,9 @@ class IndexDriver:
         summary.wall_seconds = time.time() - t0
         return summary
 
-    def select(self, jobs: list[LoraJob], rejects: list[dict], snap: Snapshot) -> list[LoraJob]:
-        """The jobs to run (not indexed, not rejected before unless retried); commits the new inspection rejects."""
+    def select(self, jobs: list[LoraJob], rejects: list[dict], snap: Snapshot, aliases: list[dict] | None = None) -> list[LoraJob]:
+        """The jobs to run (not indexed, not rejected before unless retried); commits the new inspection rejects
+        and the new exact copies (``aliases``: other paths of files already seen, see :func:`collect_sources`)."""
         plan, summary = self.plan, self.summary
         done = snap.indexed_ids()
         rej = snap.rejects()
@@ -293,8 +296,14 @@ class IndexDriver:
         known_rejects = set(rej.column("path").to_pylist())
         new_rejects = [r for r in rejects if r["path"] not in known_rejects]
         summary.rejects = list(rejects)
-        if new_rejects:
-            self.index.commit({"rejects": rejects_table(new_rejects, plan.config_hash)})
+        known = snap.table("aliases", columns=["lora_id", "path"])
+        known = set() if known is None else set(zip(known["lora_id"].to_pylist(), known["path"].to_pylist()))
+        new_aliases = [a for a in aliases or [] if (a["lora_id"], a["path"]) not in known]
+        if new_rejects or new_aliases:
+            from carlos_ray.behavior.index import aliases_table
+
+            self.index.commit({"rejects": rejects_table(new_rejects, plan.config_hash) if new_rejects else None,
+                               "aliases": aliases_table(new_aliases) if new_aliases else None})
         logger.info("%d LoRAs usable (%d already indexed, %d duplicates), %d rejected",
                     len(jobs), summary.skipped, summary.duplicates, len(rejects))
         return todo

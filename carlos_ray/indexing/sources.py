@@ -122,9 +122,12 @@ def inspect_candidate(path: Path, roots: list[str] | None, targets: dict | None)
 
 
 def collect_sources(
-    sources: Iterable[str | os.PathLike], targets: dict | None, allowed_roots: list[str] | None = None
+    sources: Iterable[str | os.PathLike], targets: dict | None, allowed_roots: list[str] | None = None,
+    aliases: list[dict] | None = None,
 ) -> tuple[list[LoraJob], list[dict], int]:
-    """Inspect every LoRA named by the sources (directories, files, manifests): (jobs, rejects, duplicates)."""
+    """Inspect every LoRA named by the sources (directories, files, manifests): (jobs, rejects, duplicates).
+
+    ``aliases``, if given, receives ``{"sha256", "lora_id", "path"}`` for every skipped copy of a file already seen."""
     from carlos_ray.lora import read_sidecar
 
     candidates: list[Candidate] = []
@@ -142,6 +145,8 @@ def collect_sources(
         if lora_id in jobs:
             duplicates += 1
             logger.info("%s is a duplicate of %s (same SHA-256): indexed once", path, jobs[lora_id].path)
+            if aliases is not None:
+                aliases.append({"sha256": info.sha256, "lora_id": lora_id, "path": str(info.path)})
             continue
         side = read_sidecar(info.path, metadata=info.metadata)
         extra = side.extra or {}

@@ -153,6 +153,7 @@ class ReportPage:
     dup_rows: list[list[Any]] = field(default_factory=list)
     grids: list[tuple[int, Path]] = field(default_factory=list)
     grid_note: str = ""
+    behavior_html: str = ""  # the "What the LoRAs do" section (carlos_ray.behavior.report)
 
     @property
     def n(self) -> int:

@@ -57,6 +57,11 @@ def build_report(index_uri: str, out_dir: str | Path, *, max_grids: int = MAX_GR
     page.files["histograms"] = plot_histograms(strength, consistency, thresholds, page.title, out / "histograms.png")
     _categories(page, table, labels)
     _near_duplicates(page, table)
+    from carlos_ray.behavior.report import behavior_section
+
+    page.behavior_html, behavior_files = behavior_section(snap, table, out, thresholds.max_strength,
+                                                          thresholds.min_consistency)
+    page.files.update(behavior_files)
     _signatures_csv(page, table)
     _grids(page, snap, max_grids)
     path = out / "index.html"

@@ -141,6 +141,7 @@ def render_html(page: ReportPage) -> str:
     if groups:
         parts.append(html_table(page.dup_header, page.dup_rows))
     parts.append(f'<p><a href="{rel(files["near_duplicates_csv"])}">near_duplicates.csv</a></p>')
+    parts.append(page.behavior_html)
     parts.append("<h2>Base vs LoRA images</h2>")
     if page.grid_note:
         parts.append(f'<p class="note">{e(page.grid_note)}</p>')

@@ -4,7 +4,8 @@
 RankerDeployment.bind(...))``; ``carlos-ray serve`` and ``serve run`` (``import_path:
 carlos_ray.serving.app:build_app``) both call it. The logic lives in the sibling modules; this one wires
 it to HTTP. Endpoints (OpenAPI at ``/docs``): ``GET/POST /search``, ``GET /loras/{id}``,
-``GET /loras/{id}/similar``, ``GET /index``, ``GET /healthz``, ``POST /admin/reload``. Every error
+``GET /loras/{id}/similar``, ``GET /loras/{id}/duplicates``, ``GET /groups``, ``GET /tags``, ``GET /index``,
+``GET /healthz``, ``POST /admin/reload``. Every error
 is JSON ``{"error": ..., "detail": ...}``.
 """
 
@@ -22,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from carlos_ray.behavior.api import DuplicatesResponse, GroupsResponse, TagsResponse, check_duplicate_thresholds, check_positive
 from carlos_ray.serving.args import ServeArgs
 from carlos_ray.serving.errors import ServiceError, encoder_unavailable
 from carlos_ray.serving.http_models import (
@@ -52,7 +54,7 @@ api = FastAPI(
     docs_url=None,  # /docs is served from the package (offline Swagger UI), see add_page_routes
     redoc_url=None,
 )
-ERRORS = {s: {"model": ErrorResponse} for s in (401, 403, 404, 422, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422, 503)}
 MAX_K_DOC = "Number of results, 1 to max_k (default 100; see GET /index)."
 MAX_S_DOC = "Keep LoRAs with strength <= this; a number >= 0, `inf` for no strength filter. Default: the index's."
 MIN_C_DOC = "Keep LoRAs with consistency >= this; a number from 0 to 1. Default: the index's."
@@ -188,8 +190,21 @@ class RankerDeployment:
         self.service = RankerService.watching(index_uri, poll_seconds=poll_seconds)
         self.catalogs = CatalogCache(index_uri)  # what the pages read, per served version
 
-    def search(self, vectors: np.ndarray, k: int, max_strength: float | None, min_consistency: float | None) -> dict:
-        return self.service.search(vectors, k, max_strength, min_consistency)
+    def search(self, vectors: np.ndarray, k: int, max_strength: float | None, min_consistency: float | None,
+               tag: str | None = None) -> dict:
+        return self.service.search(vectors, k, max_strength, min_consistency, tag)
+
+    def tagged(self) -> bool:
+        return self.service.tagged()
+
+    def tags(self) -> dict:
+        return self.service.tags()
+
+    def groups(self, min_size: int, limit: int) -> dict:
+        return self.service.groups(min_size, limit)
+
+    def duplicates(self, lora_id: str, min_cosine: float, min_strength_ratio: float) -> dict:
+        return self.service.duplicates(lora_id, min_cosine, min_strength_ratio)
 
     def similar(self, lora_id: str, k: int, max_strength: float | None, min_consistency: float | None) -> dict:
         return self.service.similar(lora_id, k, max_strength, min_consistency)
@@ -276,13 +291,14 @@ class Ingress:
         k: int = Query(10, description=MAX_K_DOC),
         max_strength: float | None = Query(None, description=MAX_S_DOC),
         min_consistency: float | None = Query(None, description=MIN_C_DOC),
+        tag: str | None = Query(None, description="Only LoRAs carrying this behavioural tag (see GET /tags)."),
     ) -> dict:
         info = await self._encoder()
         text = check_query(q, info["max_query_chars"])
         k = check_k(k, self.max_k)
         ms, mc = check_thresholds(max_strength, min_consistency)
         vectors = await self._encode([text])
-        out = await self._call(self.ranker.search.remote(vectors, k, ms, mc))
+        out = await self._call(self.ranker.search.remote(vectors, k, ms, mc, tag))
         return search_body(out, [text])
 
     @api.post("/search", response_model=BatchSearchResponse, responses=ERRORS, summary="Top-k LoRAs for several queries")
@@ -311,6 +327,38 @@ class Ingress:
         k = check_k(k, self.max_k)
         ms, mc = check_thresholds(max_strength, min_consistency)
         return await self._call(self.ranker.similar.remote(lora_id, k, ms, mc))
+
+    @api.get("/loras/{lora_id}/duplicates", response_model=DuplicatesResponse, responses=ERRORS,
+             summary="Exact copies, behavioural duplicates and scale relatives of one LoRA")
+    async def duplicates(
+        self,
+        lora_id: str,
+        min_cosine: float | None = Query(None, description="Directions at least this parallel (cosine in (0, 1], default 0.95)."),
+        min_strength_ratio: float | None = Query(
+            None, description="Duplicates: smaller over larger strength at least this (in (0, 1], default 0.8); "
+            "parallel LoRAs below it are scale relatives."),
+    ) -> dict:
+        mc, mr = check_duplicate_thresholds(min_cosine, min_strength_ratio)
+        return await self._call(self.ranker.duplicates.remote(lora_id, mc, mr))
+
+    @api.get("/groups", response_model=GroupsResponse, responses=ERRORS,
+             summary="Content groups: LoRAs whose directions point the same way, labelled with their shared tags")
+    async def groups(
+        self,
+        min_size: int = Query(1, description="Only groups with at least this many members (1 to 100000)."),
+        limit: int = Query(100, description="Return at most this many groups, largest first (1 to 10000)."),
+    ) -> dict:
+        min_size = check_positive("min_size", min_size, 100_000)
+        limit = check_positive("limit", limit, 10_000)
+        return await self._call(self.ranker.groups.remote(min_size, limit))
+
+    @api.get("/tags", response_model=TagsResponse, responses=ERRORS, summary="The index's behavioural tags in use")
+    async def tags(self) -> dict:
+        if not await self._call(self.ranker.tagged.remote()):
+            info = await self._encoder()
+            if not info["available"]:
+                raise encoder_unavailable(info["reason"])  # the same 503 as /search
+        return await self._call(self.ranker.tags.remote())
 
     @api.get("/index", response_model=IndexResponse, summary="The served index: manifest summary, counts, limits")
     async def index(self) -> dict:

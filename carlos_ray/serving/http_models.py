@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from carlos_ray.behavior.api import TagModel
+
 
 class ErrorResponse(BaseModel):
     error: str = Field(..., description="Short machine-readable code, e.g. `invalid_k`, `unknown_lora`, `encoder_unavailable`.")
@@ -32,6 +34,7 @@ class Filters(BaseModel):
 
 class SearchResponse(Filters):
     query: str
+    tag: str | None = Field(None, description="Tag filter: only LoRAs carrying this tag (null: none).")
     hits: list[HitModel]
 
 
@@ -64,6 +67,8 @@ class LoraResponse(BaseModel):
     index_version: int
     dim: int = Field(..., description="Width of the direction vector (not included; it is the index's raw data).")
     signature: dict[str, Any] = Field(..., description="The LoRA's row of the signatures table, without `direction`.")
+    tags: list[TagModel] | None = Field(None, description="Behavioural tags, best first (null: the index has no tags yet).")
+    exact_copies: list[str] = Field(default_factory=list, description="Other paths of this very file (same SHA-256), indexed once.")
 
 
 class IndexResponse(BaseModel):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from carlos_ray.behavior import api as behavior_api
 from carlos_ray.ranker import Hit, Ranker, UnknownLora
 from carlos_ray.serving.errors import EncoderUnavailable, ServiceError, encoder_unavailable
 from carlos_ray.serving.http_models import HitModel
@@ -69,7 +70,7 @@ def search_body(out: dict, texts: Sequence[str], batch: bool = False) -> dict:
     head = {key: out[key] for key in FILTER_KEYS}
     if batch:
         return {**head, "results": [{"query": t, "hits": h} for t, h in zip(texts, out["hits"])]}
-    return {**head, "query": texts[0], "hits": out["hits"][0]}
+    return {**head, "query": texts[0], "tag": out.get("tag"), "hits": out["hits"][0]}
 
 
 class RankerService:
@@ -85,9 +86,13 @@ class RankerService:
         watcher.start()
         return cls(watcher)
 
-    def search(self, vectors: np.ndarray, k: int, max_strength: float | None, min_consistency: float | None) -> dict:
-        """Top-k hits for each row of ``vectors`` (B, d) on the current index version."""
+    def search(self, vectors: np.ndarray, k: int, max_strength: float | None, min_consistency: float | None,
+               tag: str | None = None) -> dict:
+        """Top-k hits for each row of ``vectors`` (B, d) on the current index version (``tag``: only LoRAs carrying it)."""
         state = self.watcher.state
+        if tag is not None:
+            tag = behavior_api.check_tag(state.behavior, tag)
+        only = None if tag is None else state.behavior.with_tag(tag)
         q = np.asarray(vectors, dtype=np.float64)
         if q.ndim != 2 or q.shape[1] != state.ranker.dim:
             raise ServiceError(503, "index_encoder_mismatch", f"query vectors have width {q.shape[-1]} but the index "
@@ -97,10 +102,32 @@ class RankerService:
         if bad.size:
             raise ServiceError(422, "query_has_no_effect", f"query {int(bad[0])} leaves every context prompt's text features "
                                "unchanged (e.g. it has no tokens the tokenizer keeps); try other words")
-        hits = state.ranker.search(q, k=k, max_strength=max_strength, min_consistency=min_consistency)
+        hits = state.ranker.search(q, k=k, max_strength=max_strength, min_consistency=min_consistency, only=only)
         ms, mc = effective_thresholds(state.ranker, max_strength, min_consistency)
-        return {"k": k, "max_strength": ms, "min_consistency": mc, "index_version": state.version,
+        return {"k": k, "max_strength": ms, "min_consistency": mc, "index_version": state.version, "tag": tag,
                 "hits": [[h.model_dump() for h in hit_models(row)] for row in hits]}
+
+    def check_tag(self, tag: str) -> str:
+        """The tag as the index spells it, or ServiceError 409 (index untagged) / 422 (unknown tag)."""
+        return behavior_api.check_tag(self.watcher.state.behavior, tag)
+
+    def tags(self) -> dict:
+        """The index's tags in use (ServiceError 409 when it has no tags yet)."""
+        state = self.watcher.state
+        return behavior_api.tags_response(state.behavior, state.version)
+
+    def tagged(self) -> bool:
+        return self.watcher.state.behavior.tagged
+
+    def groups(self, min_size: int = 1, limit: int = 100) -> dict:
+        """Content groups of the LoRAs inside the thresholds (computed once per index version)."""
+        state = self.watcher.state
+        return behavior_api.groups_response(state.behavior, state.version, min_size, limit)
+
+    def duplicates(self, lora_id: str, min_cosine: float, min_strength_ratio: float) -> dict:
+        """Exact copies, behavioural duplicates and scale relatives of one LoRA."""
+        state = self.watcher.state
+        return behavior_api.duplicates_response(state.behavior, state.version, lora_id, min_cosine, min_strength_ratio)
 
     def similar(self, lora_id: str, k: int, max_strength: float | None, min_consistency: float | None) -> dict:
         state = self.watcher.state
@@ -121,7 +148,9 @@ class RankerService:
         except UnknownLora as e:
             raise ServiceError(404, "unknown_lora", str(e)) from None
         row.pop("direction", None)
-        return {"lora_id": lora_id, "index_version": state.version, "dim": state.ranker.dim, "signature": json_safe(row)}
+        return {"lora_id": lora_id, "index_version": state.version, "dim": state.ranker.dim, "signature": json_safe(row),
+                "tags": behavior_api.tag_models(state.behavior, lora_id),
+                "exact_copies": state.behavior.aliases.get(lora_id, [])}
 
     def summary(self) -> dict:
         """Manifest summary and counts of the version being served (no local paths)."""

@@ -11,7 +11,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
+from carlos_ray.behavior.index import BehaviorView
 from carlos_ray.ranker import Ranker
 from carlos_ray.serving.loading import ranker_from_snapshot
 from carlos_ray.store import MANIFEST, Index, Manifest
@@ -26,6 +28,7 @@ class IndexState:
     ranker: Ranker
     manifest: Manifest
     loaded_at: float
+    behavior: BehaviorView | None = None
 
     @property
     def version(self) -> int:
@@ -51,7 +54,8 @@ class IndexWatcher:
         self.reloads = 0
         stamp = self._stamp()
         snap = self.index.snapshot()
-        self._state = IndexState(ranker_from_snapshot(snap, index_uri), snap.manifest, time.time())
+        ranker = ranker_from_snapshot(snap, index_uri)
+        self._state = IndexState(ranker, snap.manifest, time.time(), BehaviorView.from_ranker(ranker, snap))
         self._seen = stamp
 
     @property
@@ -78,7 +82,8 @@ class IndexWatcher:
                 return False
             t0 = time.perf_counter()
             ranker = ranker_from_snapshot(snap, self.index.uri)
-            self._state = IndexState(ranker, snap.manifest, time.time())  # the swap: one reference assignment
+            behavior = BehaviorView.from_ranker(ranker, snap)
+            self._state = IndexState(ranker, snap.manifest, time.time(), behavior)  # the swap: one reference assignment
             self._seen = stamp
             self.reloads += 1
             self.last_error = None
@@ -115,8 +120,8 @@ class IndexWatcher:
 class FixedIndex:
     """One loaded index version that never changes (the CLI answers a single request from it)."""
 
-    def __init__(self, ranker: Ranker, manifest: Manifest):
-        self.state = IndexState(ranker, manifest, time.time())
+    def __init__(self, ranker: Ranker, manifest: Manifest, snapshot: Any = None):
+        self.state = IndexState(ranker, manifest, time.time(), BehaviorView.from_ranker(ranker, snapshot))
         self.last_error: str | None = None
 
     def refresh(self, force: bool = False) -> bool:
