@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _EXTRA_COMMANDS:
         register(sub)
+    from carlos_ray.evaluation.cli import add_commands as add_eval_commands
+
+    add_eval_commands(sub)
     return p
 
 
