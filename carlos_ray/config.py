@@ -38,7 +38,7 @@ class GeneratorSpec(StrictModel):
     kind: str = Field("sdxl", description="Generator family in the registry (see `carlos_ray.models.list_generators()`).")
     model: str = Field(
         "tiny",
-        description="`tiny` for the embedded seeded model, a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) "
+        description="`tiny` for the embedded seeded model, `micro` for the trained micro-world SDXL, a hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) "
         "or a local directory saved with `save_pretrained`.",
     )
     variant: str | None = Field(None, description="Weight file variant to load from the hub or directory (e.g. `fp16`).")
@@ -82,7 +82,7 @@ class GeneratorSpec(StrictModel):
 
 class EncoderSpec(StrictModel):
     kind: str = Field("open_clip", description="Encoder family in the registry (see `carlos_ray.models.list_encoders()`).")
-    arch: str = Field("tiny", description="`tiny` for the embedded seeded CLIP, or an open_clip architecture name (e.g. ViT-B-32).")
+    arch: str = Field("tiny", description="`tiny` for the embedded seeded CLIP, `micro` for the trained micro-world CLIP, or an open_clip architecture name (e.g. ViT-B-32).")
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag (e.g. `openai`) or a local `.safetensors` checkpoint; None = random weights."
     )

@@ -43,6 +43,10 @@ def encoder_image_size(spec: EncoderSpec) -> int:
         from carlos_ray.models.generator import load_model_config
 
         return int(load_model_config("tiny_clip.json")["vision_cfg"]["image_size"])
+    if spec.arch == "micro":
+        from carlos_ray.models.generator import load_model_config
+
+        return int(load_model_config("micro_clip.json")["vision_cfg"]["image_size"])
     import open_clip
 
     cfg = open_clip.get_model_config(spec.arch)

@@ -27,12 +27,19 @@ def build_tiny_clip(seed: int = 0):
     return open_clip.model.CLIP(**cfg)
 
 
+def build_micro_clip():
+    """The trained micro-world CLIP shipped in the package (open_clip model config `micro_clip`) and its tokenizer."""
+    from carlos_ray.world.micro import load_clip
+
+    return load_clip()
+
+
 def build_open_clip(spec: EncoderSpec):
     """A named open_clip architecture with a pretrained tag, a local `.safetensors` checkpoint, or random weights."""
     import open_clip
 
     if spec.arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {spec.arch!r}; valid: tiny, " + ", ".join(open_clip.list_models()))
+        raise ValueError(f"unknown open_clip architecture {spec.arch!r}; valid: tiny, micro, " + ", ".join(open_clip.list_models()))
     pretrained = spec.pretrained
     if pretrained is not None and Path(pretrained).expanduser().exists():
         path = Path(pretrained).expanduser()
@@ -69,6 +76,8 @@ class OpenClipEncoder:
         if spec.arch == "tiny":
             model = build_tiny_clip(spec.seed)
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer()
+        elif spec.arch == "micro":
+            model, self.tokenizer = build_micro_clip()
         else:
             model = build_open_clip(spec)
             self.tokenizer = open_clip.get_tokenizer(spec.arch)

@@ -61,6 +61,16 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
     return pipe
 
 
+def build_micro_sdxl_pipeline(spec: GeneratorSpec):
+    """The trained micro-world SDXL shipped in the package (`carlos_ray/world/weights/`), 32x32 images."""
+    from carlos_ray.world.micro import load_sdxl_pipeline
+
+    pipe = load_sdxl_pipeline()
+    pipe.to(dtype=TORCH_DTYPES[spec.dtype])
+    pipe.vae.to(TORCH_DTYPES[spec.vae_dtype])
+    return pipe
+
+
 def load_pretrained_sdxl_pipeline(spec: GeneratorSpec):
     """SDXL from a hub id or a local directory (safetensors weights only)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
@@ -93,6 +103,8 @@ class SDXLGenerator:
             pipe = build_tiny_sdxl_pipeline(spec.seed)
             pipe.to(dtype=TORCH_DTYPES[spec.dtype])
             pipe.vae.to(TORCH_DTYPES[spec.vae_dtype])
+        elif spec.model == "micro":
+            pipe = build_micro_sdxl_pipeline(spec)
         else:
             pipe = load_pretrained_sdxl_pipeline(spec)
         self.pipe = pipe.to(self.device)
@@ -246,8 +258,8 @@ def _generator_lora_targets(model: str, variant: str | None) -> dict[str, dict[s
 
     from carlos_ray.lora.inspect import targets_from_modules
 
-    if spec.model == "tiny":
-        cfg = load_model_config("tiny_sdxl.json")
+    if spec.model in ("tiny", "micro"):
+        cfg = load_model_config(f"{spec.model}_sdxl.json")
         unet_cfg, te_cfg, te2_cfg = cfg["unet"], CLIPTextConfig(**cfg["text_encoder"]), CLIPTextConfig(**cfg["text_encoder"])
     else:
         src = str(Path(spec.model).expanduser()) if Path(spec.model).expanduser().exists() else spec.model
