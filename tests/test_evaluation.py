@@ -183,3 +183,25 @@ def test_heldout_prompts_must_be_new(built_index, zoo_dir, tmp_path):
     spec = EvalSpec(heldout_prompts=str(tmp_path / "h.yaml"), judges=["clip"], retrievers=["carlos"])
     with pytest.raises(ValueError, match="neither P nor P'"):
         run_eval(built_index["index"], tiny_queries(zoo_dir), spec, cache_dir=tmp_path / "c")
+
+
+def test_eval_cli_labels_only_and_bad_input(built_index, zoo_dir, tmp_path, capsys):
+    from carlos_ray.cli import main
+
+    q = tiny_queries(zoo_dir).save(tmp_path / "q.json")
+    out = tmp_path / "out"
+    rc = main(["eval", "--index", built_index["index"], "--queries", str(q), "--judge", "none", "--out", str(out),
+               "--retrievers", "carlos,carlos-no-filter,bm25-metadata"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "carlos-no-filter" in printed and "P@1" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert [r["retriever"] for r in res["rows"]] == ["carlos", "carlos-no-filter", "bm25-metadata"]
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG" and "<table>" in (out / "index.html").read_text()
+    assert main(["eval", "--index", built_index["index"], "--queries", str(q), "--judge", "smell"]) == 2
+    assert "unknown judge" in capsys.readouterr().err
+    assert main(["eval", "--index", built_index["index"], "--queries", str(tmp_path / "none.json")]) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"queries": [{"id": "a", "text": "x", "kind": "positive", "relevance": {"0123456789abcdef": 2}}]}))
+    assert main(["eval", "--index", built_index["index"], "--queries", str(bad), "--judge", "none"]) == 2
+    assert "does not hold" in capsys.readouterr().err

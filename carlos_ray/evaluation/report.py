@@ -23,19 +23,14 @@ RULES = [
 ]
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def _clean(o: Any) -> Any:
+def json_safe(o: Any) -> Any:
+    """`o` with non-finite floats replaced by None (strict JSON)."""
     if isinstance(o, float):
         return None if not math.isfinite(o) else o
     if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
+        return {k: json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
+        return [json_safe(v) for v in o]
     return o
 
 
@@ -71,7 +66,7 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "table": out / "table.txt", "chart": out / "chart.png", "html": out / "index.html"}
-    paths["json"].write_text(json.dumps(_clean(result), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(json_safe(result), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     table = format_table(result)
     paths["table"].write_text(table + "\n", encoding="utf-8")
     plot_chart(result, paths["chart"])
