@@ -301,9 +301,12 @@ class Ranker:
     def _thresholds(
         self, max_strength: float | None, min_consistency: float | None
     ) -> tuple[float | None, float | None]:
-        max_s = _check_threshold("max_strength", max_strength)
-        min_c = _check_threshold("min_consistency", min_consistency)
-        return (self.max_strength if max_s is None else max_s, self.min_consistency if min_c is None else min_c)
+        from carlos_ray.thresholds import resolve_thresholds
+
+        t = resolve_thresholds(_check_threshold("max_strength", max_strength),
+                               _check_threshold("min_consistency", min_consistency),
+                               stored={"max_strength": self.max_strength, "min_consistency": self.min_consistency})
+        return t.max_strength, t.min_consistency
 
     def _bad_mask(self, min_consistency: float) -> np.ndarray:
         """Rows (in sorted order) failing ``consistency >= min_consistency``; cached per threshold."""

@@ -46,7 +46,7 @@ def tiny_queries(zoo_dir: Path) -> QuerySet:
 
 @pytest.fixture(scope="module")
 def index_parts(built_index):
-    from carlos_ray.service import load_query_encoder
+    from carlos_ray.serving.loading import load_query_encoder
     from carlos_ray.store import Index
 
     snap = Index(built_index["index"]).snapshot()
@@ -54,7 +54,7 @@ def index_parts(built_index):
 
 
 def test_suffix_vectors_equal_the_service_encoder(index_parts):
-    from carlos_ray.service import context_texts_from_manifest
+    from carlos_ray.serving.loading import context_texts_from_manifest
 
     _, manifest, enc = index_parts
     qs = ["a crisp look", "watercolor painting of a cat"]
@@ -74,7 +74,7 @@ def test_filter_ablations_go_through_the_ranker(index_parts):
     from carlos_ray.evaluation.retrievers import build_retrievers
 
     table, manifest, enc = index_parts
-    th = manifest["thresholds"]
+    th = manifest.thresholds
     by_id = {r["lora_id"]: r for r in table.select(["lora_id", "strength", "consistency"]).to_pylist()}
     full, none = build_retrievers(table, manifest, enc, ["carlos", "carlos-no-filter"])
     passing = [lid for lid, r in by_id.items() if r["strength"] <= th["max_strength"] and r["consistency"] >= th["min_consistency"]]
@@ -178,7 +178,7 @@ def test_heldout_prompts_must_be_new(built_index, zoo_dir, tmp_path):
     from carlos_ray.store import Index
 
     manifest = Index(built_index["index"]).snapshot().manifest
-    used = load_prompt_set(manifest["sampling"]["prompts"], manifest["sampling"]["prompt_subset"]).texts[0]
+    used = load_prompt_set(manifest.sampling["prompts"], manifest.sampling["prompt_subset"]).texts[0]
     (tmp_path / "h.yaml").write_text(f'name: h\ncategories:\n  c:\n    - "{used}"\n')
     spec = EvalSpec(heldout_prompts=str(tmp_path / "h.yaml"), judges=["clip"], retrievers=["carlos"])
     with pytest.raises(ValueError, match="neither P nor P'"):

@@ -250,15 +250,16 @@ def test_system_failures_are_told_from_application_errors():
     assert is_system_failure(RayTaskError("f", "traceback", ActorDiedError()))
 
 
-def test_pass_retries_resume_the_rest_and_stop_when_nothing_progresses(monkeypatch, tiny_config):
+def test_pass_retries_resume_the_rest_and_stop_when_nothing_progresses():
+    """The retry policy on its own: a pass is any callable `run_pass(remaining, finished)`."""
     from ray.exceptions import ActorDiedError
 
-    import carlos_ray.indexing as ix
+    from carlos_ray.indexing import IndexSummary, retry_passes
 
-    monkeypatch.setattr(ix.time, "sleep", lambda s: None)
     calls: list[list[str]] = []
+    sleeps: list[float] = []
 
-    def flaky(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
+    def flaky(todo, finished):
         calls.append([j.lora_id for j in todo])
         if len(calls) == 1:
             finished.add(todo[0].lora_id)  # one LoRA committed, then a node is lost
@@ -266,23 +267,19 @@ def test_pass_retries_resume_the_rest_and_stop_when_nothing_progresses(monkeypat
         if len(calls) == 2:
             raise ActorDiedError()  # no progress, still within pass_retries=2
 
-    monkeypatch.setattr(ix, "_run_lora_pass", flaky)
-    plan = type("Plan", (), {"cfg": tiny_config})()
-    summary = ix.IndexSummary()
-    ix._retry_loop(plan, None, _jobs(3), None, summary, 1, None, None)
+    summary = IndexSummary()
+    retry_passes(flaky, _jobs(3), 2, summary, sleep=sleeps.append)
     assert calls == [["id0", "id1", "id2"], ["id1", "id2"], ["id1", "id2"]]
-    assert summary.pass_retries == 2
+    assert summary.pass_retries == 2 and sleeps == [1.0, 2.0]
 
-    def always_down(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
+    def always_down(todo, finished):
         raise ActorDiedError()
 
-    monkeypatch.setattr(ix, "_run_lora_pass", always_down)
     with pytest.raises(RuntimeError, match="3 times in a row without finishing a LoRA"):
-        ix._retry_loop(plan, None, _jobs(2), None, ix.IndexSummary(), 1, None, None)
+        retry_passes(always_down, _jobs(2), 2, IndexSummary(), sleep=sleeps.append)
 
-    def buggy(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
+    def buggy(todo, finished):
         raise KeyError("a bug, not a fault")
 
-    monkeypatch.setattr(ix, "_run_lora_pass", buggy)
     with pytest.raises(KeyError):  # never retried
-        ix._retry_loop(plan, None, _jobs(2), None, ix.IndexSummary(), 1, None, None)
+        retry_passes(buggy, _jobs(2), 2, IndexSummary(), sleep=sleeps.append)

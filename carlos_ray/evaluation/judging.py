@@ -149,13 +149,14 @@ def run_judge_pass(rows: list[dict], cfg: Config, oracle: str | None) -> pa.Tabl
     import ray
     import ray.data
 
-    from carlos_ray.indexing import GenerateImages, _data_context, _map_batches, _stage_kwargs, ensure_ray
+    from carlos_ray.indexing.stages import GenerateImages, _map_batches, _stage_kwargs, data_context
+    from carlos_ray.runtime import ensure_ray
     from carlos_ray.models import encoder_image_size
 
     if not rows:
         return CACHE_SCHEMA.empty_table()
     ensure_ray()
-    _data_context(cfg)
+    data_context(cfg)
     t0 = time.time()
     res = cfg.resources
     per_block = max(1, res.generate.batch_size)

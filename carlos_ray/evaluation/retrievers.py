@@ -203,16 +203,18 @@ RETRIEVER_NAMES = ("carlos", "carlos-no-strength", "carlos-no-consistency", "car
                    "carlos-query-alone", "bm25-metadata", "dense-metadata")
 
 
-def build_retrievers(table: pa.Table, manifest: dict, encoder: Any, names: Sequence[str] = RETRIEVER_NAMES) -> list[Any]:
+def build_retrievers(table: pa.Table, manifest: Any, encoder: Any, names: Sequence[str] = RETRIEVER_NAMES) -> list[Any]:
     """The named retrievers over one snapshot of an index (its signatures table and manifest), sharing
-    the service's ranker and the index's query encoder (`carlos_ray.service.load_query_encoder`)."""
+    the service's ranker and the index's query encoder (`carlos_ray.serving.loading.load_query_encoder`)."""
     from carlos_ray.ranker import Ranker
-    from carlos_ray.service import FixedIndex, RankerService, context_texts_from_manifest
+    from carlos_ray.serving.loading import context_texts_from_manifest
+    from carlos_ray.serving.services import RankerService
+    from carlos_ray.serving.watcher import FixedIndex
 
     unknown = [n for n in names if n not in RETRIEVER_NAMES]
     if unknown:
         raise ValueError(f"unknown retriever(s) {unknown}; valid: {list(RETRIEVER_NAMES)}")
-    th = manifest.get("thresholds") or {}
+    th = manifest.thresholds or {}
     ranker = Ranker.from_table(table, max_strength=th.get("max_strength"), min_consistency=th.get("min_consistency"))
     service = RankerService(FixedIndex(ranker, manifest))
     enc = encoder

@@ -58,10 +58,10 @@ class EvalSpec(StrictModel):
         return list(range(self.seed_start, self.seed_start + self.num_seeds))
 
 
-def config_from_manifest(manifest: dict, resources: ResourcesSpec | None = None) -> Config:
+def config_from_manifest(manifest: Any, resources: ResourcesSpec | None = None) -> Config:
     """The index's generator, encoder, sampling and query settings, with the given actor-pool resources."""
-    data = {k: manifest[k] for k in ("generator", "encoder", "sampling", "query") if manifest.get(k)}
-    data["name"] = str(manifest.get("config_name") or "index")
+    data = {k: getattr(manifest, k) for k in ("generator", "encoder", "sampling", "query") if getattr(manifest, k)}
+    data["name"] = str(manifest.config_name or "index")
     cfg = Config.from_dict(data, source="index manifest")
     if resources is not None:
         cfg.resources = resources
@@ -75,17 +75,16 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
 
 
-def heldout_prompts(spec: EvalSpec, cfg: Config, manifest: dict) -> list[str]:
+def heldout_prompts(spec: EvalSpec, cfg: Config, manifest: Any) -> list[str]:
     """The held-out prompt texts, checked to be in neither P nor P' of the index."""
-    from carlos_ray.config import resolve_path
     from carlos_ray.prompts import load_prompt_set
-    from carlos_ray.service import context_texts_from_manifest
+    from carlos_ray.serving.loading import context_texts_from_manifest
 
     if spec.heldout_prompts is None:
         raise ValueError("judging needs held-out prompts (EvalSpec.heldout_prompts / --heldout): a prompt set in neither "
                          "the index's prompts P nor its context prompts P'")
     texts = list(load_prompt_set(spec.heldout_prompts, spec.heldout_subset).texts)
-    used = set(load_prompt_set(resolve_path(cfg.sampling.prompts), cfg.sampling.prompt_subset).texts)
+    used = set(load_prompt_set(cfg.sampling.prompts, cfg.sampling.prompt_subset).texts)
     used |= set(context_texts_from_manifest(manifest))
     norm = {" ".join(t.split()).casefold() for t in used}
     overlap = [t for t in texts if " ".join(t.split()).casefold() in norm]
@@ -97,7 +96,7 @@ def heldout_prompts(spec: EvalSpec, cfg: Config, manifest: dict) -> list[str]:
 def run_eval(index_uri: str, queries: QuerySet, spec: EvalSpec | None = None, *, cache_dir: str | Path | None = None,
              resources: ResourcesSpec | None = None, device: str | None = None) -> dict[str, Any]:
     """Evaluate every retriever of `spec` on `queries` over the index; returns the result dict (see `table_rows`)."""
-    from carlos_ray.service import load_query_encoder
+    from carlos_ray.serving.loading import load_query_encoder
     from carlos_ray.store import Index
 
     spec = spec or EvalSpec()
@@ -143,9 +142,9 @@ def run_eval(index_uri: str, queries: QuerySet, spec: EvalSpec | None = None, *,
                 per_query[name] = [{"query": q.id, "kind": q.kind, **j} for q, j in zip(queries.queries, rows)]
         t_judge = time.time() - t
     result = {
-        "index": str(index_uri), "index_version": manifest.get("version"), "queries": queries.name,
+        "index": str(index_uri), "index_version": manifest.version, "queries": queries.name,
         "n_queries": len(queries.queries), "n_positive": len(queries.positives), "n_negative": len(queries.negatives),
-        "n_loras": table.num_rows, "spec": spec.model_dump(), "thresholds": manifest.get("thresholds"),
+        "n_loras": table.num_rows, "spec": spec.model_dump(), "thresholds": dict(manifest.thresholds),
         "rows": table_rows(per_query, spec),
         "per_query": per_query,
         "judge": None if judged is None else {k: v for k, v in judged.items() if k != "per_query"},
@@ -154,7 +153,7 @@ def run_eval(index_uri: str, queries: QuerySet, spec: EvalSpec | None = None, *,
     return result
 
 
-def _judge(index_uri: str, manifest: dict, table: Any, queries: QuerySet, rankings: dict[str, list[Ranking]],
+def _judge(index_uri: str, manifest: Any, table: Any, queries: QuerySet, rankings: dict[str, list[Ranking]],
            spec: EvalSpec, enc: Any, cache_dir: str | Path | None, resources: ResourcesSpec | None) -> dict[str, Any]:
     from carlos_ray.evaluation.judging import BASE_ID, JudgeCache, JudgeLora, generation_key, judge_rows, judged_images
     from carlos_ray.evaluation.judging import run_judge_pass

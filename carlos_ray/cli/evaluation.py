@@ -5,22 +5,24 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
-def _resources(config: str | None, manifest: dict):
+def _resources(config: str | None, manifest: Any):
     """Actor-pool resources: from --config, else from the config the index was built with (conf/<name>.yaml), else defaults."""
-    from carlos_ray.config import REPO_ROOT, Config, ResourcesSpec
+    from carlos_ray.config import Config, ResourcesSpec
+    from carlos_ray.paths import find_conf_file
 
     if config:
         return Config.from_file(config).resources
-    guess = REPO_ROOT / "conf" / f"{manifest.get('config_name', '')}.yaml"
-    return Config.from_file(guess).resources if manifest.get("config_name") and guess.is_file() else ResourcesSpec()
+    guess = find_conf_file(f"conf/{manifest.config_name}.yaml") if manifest.config_name else None
+    return Config.from_file(guess).resources if guess is not None else ResourcesSpec()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from carlos_ray.cli import EXIT_OK, UsageError
+    from carlos_ray.cli.common import EXIT_OK, UsageError
     from carlos_ray.evaluation.queries import QueryFileError, load_queries
     from carlos_ray.evaluation.report import write_outputs
     from carlos_ray.evaluation.run import JUDGES, EvalSpec, format_table, run_eval
@@ -54,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_queries(args: argparse.Namespace) -> int:
-    from carlos_ray.cli import EXIT_OK, UsageError
+    from carlos_ray.cli.common import EXIT_OK, UsageError
     from carlos_ray.evaluation.micro import micro_queries
 
     zoo = Path(args.zoo)
