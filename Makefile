@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned to the builds this machine class ships (pip takes them from local disk).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-all bench zoo clean
 
 $(BIN)/carlos-ray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,14 @@ demo: setup
 	$(BIN)/carlos-ray demo --workdir demo_out
 
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup  # also the slow end-to-end tests (e.g. a non-editable install run from outside the checkout)
 	$(BIN)/python -m pytest -q tests
+
+# Re-train the shipped micro LoRA zoo (carlos_ray/world/zoo/) from its seeds: two 1-thread processes, ~30 min.
+zoo: setup
+	$(BIN)/python -m carlos_ray.world.zoo_train --jobs 2 --cache out/zoo_runs
 
 bench: setup
 	mkdir -p bench_results
@@ -28,6 +35,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_rank.py --out bench_results/rank.json
 	$(BIN)/python benchmarks/bench_index.py --out bench_results/index.json
 	$(BIN)/python benchmarks/bench_serve.py --out bench_results/serve.json
+	$(BIN)/python benchmarks/bench_commit.py --out bench_results/commit.json
+	$(BIN)/python benchmarks/bench_zoo.py --out bench_results/zoo.json
 
 clean:
 	rm -rf demo_out bench_results .pytest_cache

@@ -9,6 +9,10 @@ from carlos_ray.cli.common import EXIT_OK, EXIT_REJECTED, UsageError, table
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
+    if args.profile == "micro":
+        return _micro_zoo(args)
+    if args.behaviors:
+        raise UsageError("--behaviors trains LoRAs on the micro world: add --profile micro")
     from carlos_ray.zoo import make_zoo
 
     if args.n < 8:
@@ -16,6 +20,32 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     members = make_zoo(args.dir, n=args.n, seed=args.seed)
     print(table(members, ["name", "format", "role", "file"]))
     print(f"\nwrote {len(members)} LoRAs to {args.dir}")
+    return EXIT_OK
+
+
+def _micro_zoo(args: argparse.Namespace) -> int:
+    """Train LoRAs with planted behaviours on the config's generator: the named ones, or the whole shipped zoo."""
+    import tempfile
+    from pathlib import Path
+
+    from carlos_ray.config import Config
+    from carlos_ray.world.zoo_spec import custom_spec, shipped_spec
+    from carlos_ray.world.zoo_train import make_micro_zoo
+
+    cfg = Config.from_file(args.config)
+    try:
+        if args.behaviors:
+            spec = custom_spec([b for b in args.behaviors.split(",") if b.strip()], steps=args.steps or 200, seed=args.seed)
+        else:
+            spec = shipped_spec(**({"steps": args.steps} if args.steps else {}))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    generator = cfg.generator.model_dump(mode="json")
+    with tempfile.TemporaryDirectory(prefix="zoo_runs_") as tmp:
+        rows = make_micro_zoo(spec, args.dir, generator, args.cache or tmp, jobs=args.jobs)
+    print(table([{**r, "train": f"{r['training'].get('steps', 0)} steps, {r['training'].get('seconds', 0):.0f} s"}
+                 for r in rows], ["name", "role", "behaviour", "layout", "file", "train"]))
+    print(f"\nwrote {len(rows)} LoRAs to {args.dir} (ground truth in {Path(args.dir) / 'zoo.json'})")
     return EXIT_OK
 
 
@@ -45,9 +75,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    z = sub.add_parser("zoo", help="write the synthetic LoRA zoo for the tiny generator")
+    z = sub.add_parser("zoo", help="write a LoRA zoo with planted behaviours (synthetic for tiny, trained for micro)")
     z.add_argument("dir")
-    z.add_argument("--n", type=int, default=12, help="number of LoRAs (>= 8)")
+    z.add_argument("--profile", choices=["tiny", "micro"], default="tiny",
+                   help="tiny: random synthetic LoRAs for the tiny generator; micro: LoRAs trained on the micro world")
+    z.add_argument("--behaviors", default=None,
+                   help="micro: comma-separated behaviours to train one LoRA each for (e.g. striped,sepia,content:star); "
+                        "default: the whole shipped zoo")
+    z.add_argument("--config", default="conf/micro.yaml", help="micro: config whose generator the LoRAs are trained on")
+    z.add_argument("--steps", type=int, default=None, help="micro: training steps per LoRA (default 200)")
+    z.add_argument("--jobs", type=int, default=1, help="micro: training processes (one torch thread each)")
+    z.add_argument("--cache", default=None, help="micro: keep trained runs here and reuse them (default: a temporary directory)")
+    z.add_argument("--n", type=int, default=12, help="tiny: number of LoRAs (>= 8)")
     z.add_argument("--seed", type=int, default=0)
     z.set_defaults(func=cmd_zoo)
 

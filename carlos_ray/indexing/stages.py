@@ -206,7 +206,9 @@ def _stage_kwargs(stage: StageResources, cfg: Config) -> dict:
         batch_size=stage.batch_size,
         num_gpus=stage.num_gpus or None,
         num_cpus=stage.num_cpus,
-        # Bounded where Ray Data's default is unbounded; passed as remote args, the only way Ray 2.60 takes them.
+        # Bounded where Ray Data's default is unbounded. Ray 2.60's map_batches names label_selector,
+        # fallback_strategy, max_calls, resources, accelerator_type and runtime_env, but no actor max_restarts /
+        # max_task_retries: these two still go through its (deprecated) **ray_remote_args, here only.
         max_restarts=cfg.resources.max_restarts,
         max_task_retries=cfg.resources.max_task_retries,
     )

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from carlos_ray.config import EncoderSpec
-from carlos_ray.models.generator import TORCH_DTYPES
-from carlos_ray.models.registry import EMBEDDED_ENCODERS, embedded_encoder
+from carlos_ray.models.registry import EMBEDDED_ENCODERS, TORCH_DTYPES, embedded_encoder
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,14 @@ import numpy as np
 import torch
 
 from carlos_ray.config import GeneratorSpec
-from carlos_ray.models.registry import embedded_generator, load_model_config  # noqa: F401 (re-exported)
+from carlos_ray.models.registry import (  # noqa: F401 (TORCH_DTYPES and load_model_config are re-exported)
+    TORCH_DTYPES,
+    embedded_generator,
+    load_model_config,
+)
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0):

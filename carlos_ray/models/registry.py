@@ -17,6 +17,8 @@ import torch
 
 from carlos_ray.config import EncoderSpec, GeneratorSpec
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 def load_model_config(name: str) -> dict:
     """A JSON model config shipped in `carlos_ray/models/configs/`."""
@@ -76,8 +78,6 @@ class EmbeddedGenerator:
 
     def pipeline(self, spec: GeneratorSpec) -> Any:
         """The pipeline in `spec.dtype` (VAE in `spec.vae_dtype`), on the CPU."""
-        from carlos_ray.models.generator import TORCH_DTYPES
-
         pipe = self.build(self.model_config(), spec)
         pipe.to(dtype=TORCH_DTYPES[spec.dtype])
         pipe.vae.to(TORCH_DTYPES[spec.vae_dtype])
@@ -103,21 +103,39 @@ class EmbeddedEncoder:
         return self.build(load_model_config(self.config), spec)
 
     def tokenizer(self) -> Any:
+        """The CLIP BPE tokenizer at the text tower's context length (77 unless the config says otherwise)."""
         import open_clip
 
-        return open_clip.tokenizer.SimpleTokenizer()
+        context = int(load_model_config(self.config).get("text_cfg", {}).get("context_length", 77))
+        return open_clip.tokenizer.SimpleTokenizer(context_length=context)
 
     def image_size(self) -> int:
         size = load_model_config(self.config)["vision_cfg"]["image_size"]
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
+def _micro_sdxl(cfg: dict, spec: GeneratorSpec) -> Any:
+    """The trained micro-world SDXL shipped in the package (`carlos_ray/world/weights/`)."""
+    from carlos_ray.world.micro import load_sdxl_pipeline
+
+    return load_sdxl_pipeline()
+
+
+def _micro_clip(cfg: dict, spec: EncoderSpec) -> Any:
+    """The trained micro-world CLIP shipped in the package."""
+    from carlos_ray.world.micro import load_clip
+
+    return load_clip()[0]
+
+
 # `generator.model` names and `encoder.arch` names of the embedded models.
 EMBEDDED_GENERATORS: dict[str, EmbeddedGenerator] = {
     "tiny": EmbeddedGenerator("tiny_sdxl.json"),
+    "micro": EmbeddedGenerator("micro_sdxl.json", build=_micro_sdxl),
 }
 EMBEDDED_ENCODERS: dict[str, EmbeddedEncoder] = {
     "tiny": EmbeddedEncoder("tiny_clip.json"),
+    "micro": EmbeddedEncoder("micro_clip.json", build=_micro_clip),
 }
 
 
