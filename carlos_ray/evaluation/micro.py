@@ -121,7 +121,10 @@ def phrasings(behaviour: str, rng: np.random.Generator) -> list[tuple[str, str]]
     from carlos_ray.world.render import CONTENT_BEHAVIOURS
 
     kind, _, name = behaviour.partition(":")
-    shapes, colours = list(C.SHAPE_WORDS), list(C.COLOUR_WORDS)
+    # content words that no content behaviour plants, so "a striped orange cross" asks for one behaviour only
+    planted = [v for t in CONTENT_BEHAVIOURS.values() for v in t.values()]
+    shapes = [s for s in C.SHAPE_WORDS if s not in planted]
+    colours = [c for c in C.COLOUR_WORDS if c not in planted]
     out: list[tuple[str, str]] = []
     if kind == "style":
         adjs, phrases = C.STYLE_ADJECTIVES[name], C.STYLE_PHRASES[name]
@@ -157,6 +160,24 @@ def phrasings(behaviour: str, rng: np.random.Generator) -> list[tuple[str, str]]
     return out
 
 
+def _behaviour_words(behaviours: list[str]) -> set[str]:
+    """The grammar's own words for these behaviours (adjectives, phrases, shape or colour names), minus glue words."""
+    from carlos_ray.world import captions as C
+    from carlos_ray.world.render import CONTENT_BEHAVIOURS
+
+    words: set[str] = set()
+    for b in behaviours:
+        kind, _, name = b.partition(":")
+        if kind == "style":
+            texts = C.STYLE_ADJECTIVES[name] + C.STYLE_PHRASES[name]
+        else:
+            key, value = next(iter(CONTENT_BEHAVIOURS[name].items()))
+            texts = {"shape": C.SHAPE_WORDS, "colour": C.COLOUR_WORDS, "size": C.SIZE_WORDS}[key][value]
+        for t in texts:
+            words |= {w.strip("-").lower() for t2 in t.split() for w in t2.split("-")}
+    return words - {"a", "an", "in", "with", "of", "the", "and", "only", "as", "look", "pattern", "tone", "colour"}
+
+
 def micro_queries(zoo_dir: str | Path, seed: int = 0) -> QuerySet:
     """The evaluation queries of a micro zoo: positives for every planted behaviour, negatives for the rest."""
     from carlos_ray.world.render import CONTENT_BEHAVIOURS, STYLES
@@ -181,9 +202,11 @@ def micro_queries(zoo_dir: str | Path, seed: int = 0) -> QuerySet:
             add(text, "positive", b, form, rel[b])
     unplanted = [f"style:{s}" for s in STYLES if f"style:{s}" not in rel]
     unplanted += [f"content:{c}" for c in CONTENT_BEHAVIOURS if f"content:{c}" not in rel]
+    taken = _behaviour_words(sorted(rel))
     for b in unplanted:
         for form, text in phrasings(b, rng)[:4]:
-            add(text, "negative", b, form, {})
+            if not set(text.lower().split()) & taken:  # "round dot" is no negative when a dotted LoRA exists
+                add(text, "negative", b, form, {})
     for text in OUTSIDE_WORLD:
         add(text, "negative", None, "outside", {})
     logger.info("%d queries: %d positive over %d behaviours, %d negative", len(queries),
