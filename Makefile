@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned to the builds this machine class ships (pip takes them from local disk).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-all bench zoo clean
+.PHONY: setup demo test test-all bench zoo clean world
 
 $(BIN)/carlos-ray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,13 @@ bench: setup
 	$(BIN)/python benchmarks/bench_serve.py --out bench_results/serve.json
 	$(BIN)/python benchmarks/bench_commit.py --out bench_results/commit.json
 	$(BIN)/python benchmarks/bench_zoo.py --out bench_results/zoo.json
+
+# Retrain the micro world's models (VAE + CLIP in parallel, then UNet + text encoders) into
+# carlos_ray/world/weights/, then measure them against the pixel oracle. CI and `make demo` never run this.
+world: setup
+	$(BIN)/python -m carlos_ray.world.train all
+	mkdir -p bench_results
+	$(BIN)/python benchmarks/bench_world.py --out bench_results/world.json --grid bench_results/world_grid.png
 
 clean:
 	rm -rf demo_out bench_results .pytest_cache

@@ -101,3 +101,53 @@ def test_micro_prompt_sets_are_disjoint_and_hold_out_the_unseen_pairs():
         assert text in et and not any(t.startswith(text) for t in pt | qt)
     cfg = Config.from_file("conf/micro.yaml")
     assert cfg.generator.model == "micro" and cfg.encoder.arch == "micro" and cfg.generator.resolution == 32
+
+
+def test_shipped_micro_models_load_through_the_registry():
+    from carlos_ray.config import EncoderSpec, GeneratorSpec
+    from carlos_ray.models import create_encoder, create_generator, encoder_image_size
+    from carlos_ray.models.generator import generator_lora_targets
+
+    enc_spec = EncoderSpec(arch="micro")
+    assert encoder_image_size(enc_spec) == 32
+    enc = create_encoder(enc_spec)
+    assert enc.encode_texts(["a striped red star", "a blue heart"]).shape == (2, 64)
+    spec = GeneratorSpec(model="micro", resolution=32, steps=4, micro_batch=2)
+    gen = create_generator(spec, output_size=32)
+    imgs, finite = gen.generate(["a red star", "a red star"], [1, 2])
+    assert imgs.shape == (2, 32, 32, 3) and imgs.dtype == np.uint8 and finite.all()
+    assert np.abs(imgs[0].astype(int) - imgs[1].astype(int)).mean() > 2  # seeds differ
+    assert enc.encode_images(imgs).shape == (2, 64)
+    targets = generator_lora_targets(spec)
+    unet_shapes = {k: v for k, v in targets["unet"].items()}
+    real = dict(gen.pipe.unet.named_modules())
+    some = next(k for k in unet_shapes if k.endswith("attn1.to_q"))
+    assert tuple(real[some].weight.shape) == unet_shapes[some]
+
+
+def test_shipped_weights_are_safetensors_within_budget():
+    d = micro.default_weights_dir()
+    files = sorted(d.iterdir())
+    assert {f.name for f in files} == set(micro.WEIGHT_FILES.values())
+    assert sum(f.stat().st_size for f in files) <= 40 * 2**20
+
+
+def test_shipped_micro_clip_zero_shot_on_held_out_renders():
+    from carlos_ray.world import evaluate as E
+
+    torch.set_num_threads(1)
+    model, tok = micro.load_clip()
+    acc = E.clip_zero_shot(model, tok, n=90, seed=99)
+    print("micro CLIP zero-shot", acc)
+    assert acc["colour"] >= 0.85 and acc["style"] >= 0.85 and acc["shape"] >= FLOOR_SHAPE
+
+
+@pytest.mark.slow
+def test_shipped_micro_sdxl_follows_held_out_prompts():
+    from carlos_ray.world import evaluate as E
+
+    pipe = micro.load_sdxl_pipeline()
+    res = E.generator_following(pipe, n=48, seed=77, steps=20)
+    print({k: v for k, v in res.items() if k in ("colour", "shape", "style", "seed_pixel_difference")})
+    assert res["colour"] >= FLOOR_GEN_COLOUR and res["shape"] >= FLOOR_GEN_SHAPE and res["style"] >= FLOOR_GEN_STYLE
+    assert res["seed_pixel_difference"] > 5

@@ -63,6 +63,20 @@ def _seeded_clip(cfg: dict, spec: EncoderSpec) -> Any:
     return open_clip.model.CLIP(**cfg)
 
 
+def _micro_sdxl(cfg: dict, spec: GeneratorSpec) -> Any:
+    """The trained micro-world SDXL (`carlos_ray/world/weights/`, built from `micro_sdxl.json`)."""
+    from carlos_ray.world.micro import load_sdxl_pipeline
+
+    return load_sdxl_pipeline()
+
+
+def _micro_clip(cfg: dict, spec: EncoderSpec) -> Any:
+    """The trained micro-world CLIP (open_clip model config `micro_clip`, packaged safetensors)."""
+    from carlos_ray.world.micro import load_clip
+
+    return load_clip()[0]
+
+
 @dataclass(frozen=True)
 class EmbeddedGenerator:
     """An SDXL-shaped generator built from a packaged JSON config (`unet`, `vae`, `text_encoder`, `scheduler`).
@@ -103,29 +117,15 @@ class EmbeddedEncoder:
         return self.build(load_model_config(self.config), spec)
 
     def tokenizer(self) -> Any:
-        """The CLIP BPE tokenizer at the text tower's context length (77 unless the config says otherwise)."""
+        """open_clip's CLIP BPE tokenizer at the config's context length (77 unless the config says otherwise)."""
         import open_clip
 
-        context = int(load_model_config(self.config).get("text_cfg", {}).get("context_length", 77))
-        return open_clip.tokenizer.SimpleTokenizer(context_length=context)
+        ctx = int(load_model_config(self.config)["text_cfg"].get("context_length", 77))
+        return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
 
     def image_size(self) -> int:
         size = load_model_config(self.config)["vision_cfg"]["image_size"]
         return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def _micro_sdxl(cfg: dict, spec: GeneratorSpec) -> Any:
-    """The trained micro-world SDXL shipped in the package (`carlos_ray/world/weights/`)."""
-    from carlos_ray.world.micro import load_sdxl_pipeline
-
-    return load_sdxl_pipeline()
-
-
-def _micro_clip(cfg: dict, spec: EncoderSpec) -> Any:
-    """The trained micro-world CLIP shipped in the package."""
-    from carlos_ray.world.micro import load_clip
-
-    return load_clip()[0]
 
 
 # `generator.model` names and `encoder.arch` names of the embedded models.

@@ -64,7 +64,11 @@ def clip_zero_shot(model, tokenizer, n: int = 300, seed: int = 1234) -> dict[str
         txt = torch.stack([model.encode_text(tokenizer(tmpl[c]), normalize=True).mean(0) for c in classes])
         txt = txt / txt.norm(dim=-1, keepdim=True)
         pred = (feats @ txt.T).argmax(dim=1).tolist()
-        out[fam] = float(np.mean([classes[p] == _truth(s, fam) for p, s in zip(pred, scenes)]))
+        ok = [classes[p] == _truth(s, fam) for p, s in zip(pred, scenes)]
+        out[fam] = float(np.mean(ok))
+        if fam == "shape":  # the same, on the unstyled renders only
+            plain = [o for o, s in zip(ok, scenes) if not s.styles]
+            out["shape_unstyled"] = float(np.mean(plain)) if plain else float("nan")
     return out
 
 

@@ -32,12 +32,12 @@ THRESHOLDS: dict[str, float] = {
     "striped": 0.22,
     "dotted": 0.16,
     "checkered": 0.2,
-    "grayscale": 0.5,
+    "grayscale": 0.45,
     "sepia": 0.8,
     "inverted": 0.5,
-    "outline": 0.45,
-    "blurred": 0.5,
-    "pixelated": 0.85,
+    "outline": 0.3,
+    "blurred": 0.9,
+    "pixelated": 0.6,
     "framed": 0.7,
     "grainy": 0.5,
     "tiled": 0.5,
@@ -132,7 +132,8 @@ def judge(img: np.ndarray) -> dict:
     f = R.FRAME_WIDTH
     scores: dict[str, float] = {}
 
-    # grain: robust spread of the median-filter residual (computed first: grainy images get smoothed)
+    # grain: robust spread of the median-filter residual (computed first: grainy images get smoothed);
+    # over the whole image, and over the background alone (patterns live on the object, grain everywhere)
     resid = (raw - _median3(raw)) @ _LUM
     mad = float(np.median(np.abs(resid))) * 1.4826
     scores["grainy"] = float(np.clip((mad - 6.0) / 12.0, 0.0, 1.0))
@@ -156,7 +157,7 @@ def judge(img: np.ndarray) -> dict:
 
     # colour statistics
     chroma = x.max(axis=-1) - x.min(axis=-1)
-    scores["grayscale"] = float(np.clip(1.0 - np.percentile(chroma, 95) / 40.0, 0.0, 1.0))
+    scores["grayscale"] = float(np.clip(1.0 - np.percentile(chroma, 95) / 70.0, 0.0, 1.0))
     grayscale = scores["grayscale"] >= THRESHOLDS["grayscale"]
     v = x - x.mean(axis=-1, keepdims=True)
     vn = np.linalg.norm(v, axis=-1)
@@ -241,6 +242,15 @@ def judge(img: np.ndarray) -> dict:
     shift = 0.5 * (np.abs(x - np.roll(x, h, axis=0)).mean() + np.abs(x - np.roll(x, h, axis=1)).mean())
     scores["tiled"] = float(np.clip(1.0 - shift / (1.2 * dev), 0.0, 1.0)) if dev > 5 else 0.0
 
+    if not grainy and filled.any():  # faint grain (a decoder's) shows on the flat background
+        from scipy import ndimage as _nd
+
+        flat = ~_nd.binary_dilation(filled, iterations=2)
+        flat[: f + 1] = flat[-f - 1 :] = False
+        flat[:, : f + 1] = flat[:, -f - 1 :] = False
+        if flat.sum() >= 40:
+            bg_mad = float(np.median(np.abs(resid[flat]))) * 1.4826
+            scores["grainy"] = max(scores["grainy"], float(np.clip((bg_mad - 1.5) / 4.0, 0.0, 1.0)))
     if scores["checkered"] >= THRESHOLDS["checkered"]:  # a checkerboard is 4-px aligned by construction
         scores["pixelated"] = 0.0
     styles = sorted(s for s in R.STYLES if scores[s] >= THRESHOLDS[s] and not (s == "sepia" and not sepia))

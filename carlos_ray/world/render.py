@@ -4,7 +4,9 @@ A `Scene` is one object (shape, colour, size, position) on a plain background, p
 of style names. `render(scene)` draws it as a uint8 (H, W, 3) array; `apply_style(img, name)` applies
 one style to any image (the object mask is estimated from the border colour when it is not given);
 `apply_content(scene, name)` applies a content behaviour ("everything becomes a star") to a scene.
-Everything is deterministic given the scene and the `rng` passed in (only `grainy` draws noise).
+Everything is deterministic given the scene. `grainy` adds a fixed film-grain field (the same
+pseudo-random pattern for every image of a size), so a decoder can learn to draw it; pass `rng` to
+`apply_style` to draw fresh grain instead.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ DOT_PERIOD = 8
 CHECK_CELL = 4
 PIXEL_BLOCK = 4
 GRAIN_SIGMA = 45.0
-BLUR_SIGMA = 1.6
+BLUR_SIGMA = 2.2
 # content behaviours: scene -> scene (what a content LoRA plants).
 CONTENT_BEHAVIOURS: dict[str, dict[str, str]] = {
     "star": {"shape": "star"},
@@ -239,8 +241,8 @@ def apply_style(img: np.ndarray, name: str, rng: np.random.Generator | None = No
         out[:, :f] = FRAME_COLOUR
         out[:, -f:] = FRAME_COLOUR
     elif name == "grainy":
-        rng = rng if rng is not None else np.random.default_rng(0)
-        out = x + rng.normal(0.0, GRAIN_SIGMA, size=(h, w, 1)).astype(np.float32)
+        grain = _grain_field(h, w) if rng is None else rng.normal(0.0, GRAIN_SIGMA, size=(h, w, 1)).astype(np.float32)
+        out = x + grain
     elif name == "tiled":
         half = np.asarray(Image.fromarray(img).resize((w // 2, h // 2), Image.Resampling.BOX), np.float32)
         out = np.tile(half, (2, 2, 1))[:h, :w]
@@ -251,6 +253,11 @@ def apply_style(img: np.ndarray, name: str, rng: np.random.Generator | None = No
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _grain_field(h: int, w: int) -> np.ndarray:
+    return np.random.default_rng(20261201).normal(0.0, GRAIN_SIGMA, size=(h, w, 1)).astype(np.float32)
+
+
 def apply_content(scene: Scene, name: str) -> Scene:
     """A content behaviour on a scene (e.g. 'star': every object becomes a star)."""
     if name not in CONTENT_BEHAVIOURS:
@@ -259,7 +266,9 @@ def apply_content(scene: Scene, name: str) -> Scene:
 
 
 def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Draw a scene as uint8 (size, size, 3); styles are applied in order, with the true object mask."""
+    """Draw a scene as uint8 (size, size, 3); styles are applied in order, with the true object mask.
+
+    The result depends on the scene only (`rng` is accepted for call compatibility and unused)."""
     dx, dy = POSITIONS[scene.position]
     center = (0.5 + dx + scene.jitter[0], 0.5 + dy + scene.jitter[1])
     alpha = shape_mask(scene.shape, size, SIZES[scene.size], center)
@@ -269,7 +278,7 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
     for i, style in enumerate(scene.styles):
         # the true mask is valid until a style moves pixels around
         mask_ok = all(s not in ("tiled", "pixelated", "blurred") for s in scene.styles[:i])
-        img = apply_style(img, style, rng=rng, alpha=alpha if mask_ok else None)
+        img = apply_style(img, style, alpha=alpha if mask_ok else None)
     return img
 
 

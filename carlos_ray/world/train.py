@@ -2,7 +2,7 @@
 with both SDXL text encoders trained jointly.
 
 `python -m carlos_ray.world.train all` (what `make world` runs) trains the VAE and the CLIP in two
-parallel single-thread processes, then the UNet on two threads, and writes the safetensors into the
+parallel single-thread processes and, once the VAE is done, the UNet on two threads, and writes the safetensors into the
 package's `weights/` folder. Each stage shows a tqdm bar with its loss. Held-out combinations
 (`HELD_OUT_*`) never appear in any training set; `carlos_ray.world.evaluate` measures on them.
 """
@@ -94,9 +94,10 @@ class StageConfig:
 
 
 DEFAULTS = {
-    "vae": StageConfig(steps=900, batch=32, lr=1e-3),
-    "clip": StageConfig(steps=1400, batch=128, lr=1e-3),
-    "unet": StageConfig(steps=3000, batch=32, lr=8e-4),
+    "vae": StageConfig(steps=700, batch=32, lr=1e-3),
+    "clip": StageConfig(steps=2000, batch=128, lr=1e-3),
+    "clip-refine": StageConfig(steps=1000, batch=128, lr=3e-4),
+    "unet": StageConfig(steps=2500, batch=32, lr=8e-4),
 }
 
 
@@ -141,7 +142,7 @@ def clip_batch(rng: np.random.Generator, n: int) -> list[R.Scene]:
     scenes: list[R.Scene] = []
     while len(scenes) < n:
         base = training_scene(rng, p_style=0.6)
-        family = ("shape", "colour", "style", "single")[int(rng.integers(4))]
+        family = ("shape", "shape", "shape", "colour", "colour", "style", "style", "single")[int(rng.integers(8))]
         if family == "single":
             group = [base]
         elif family == "shape":
@@ -155,13 +156,19 @@ def clip_batch(rng: np.random.Generator, n: int) -> list[R.Scene]:
     return scenes[:n]
 
 
-def train_clip(out: Path, cfg: StageConfig) -> dict:
-    """Contrastive training of the micro open_clip CLIP on renders and grammar captions."""
+def train_clip(out: Path, cfg: StageConfig, init: Path | None = None) -> dict:
+    """Contrastive training of the micro open_clip CLIP on renders and grammar captions.
+
+    With `init` (a weights folder), training starts from its CLIP with a fresh optimizer and its own
+    data stream: the second, lower-lr phase of the `clip` stage (a cosine warm restart)."""
     import open_clip
 
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 1)
-    model = micro.build_clip(cfg.seed).train()
+    torch.manual_seed(cfg.seed + (100 if init else 0))
+    rng = np.random.default_rng(cfg.seed + 1 + (100 if init else 0))
+    model = micro.build_clip(cfg.seed)
+    if init is not None:
+        micro.load_module(model, Path(init) / micro.WEIGHT_FILES["clip"])
+    model.train()
     tokenizer = open_clip.get_tokenizer(micro.register_clip_config())
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -191,7 +198,7 @@ def train_clip(out: Path, cfg: StageConfig) -> dict:
         bar.set_postfix(loss=f"{loss_v:.3f}", refresh=False)
     model.eval()
     micro.save_module(model, out / micro.WEIGHT_FILES["clip"], {"seed": str(cfg.seed)})
-    info = {"stage": "clip", "steps": cfg.steps, "seconds": round(time.time() - t0, 1), "final_loss": loss_v}
+    info = {"stage": "clip" if init is None else "clip-refine", "steps": cfg.steps, "seconds": round(time.time() - t0, 1), "final_loss": loss_v}
     logger.info("clip: %s", info)
     return info
 
@@ -310,7 +317,8 @@ def _stage_cfg(name: str, args: argparse.Namespace) -> StageConfig:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m carlos_ray.world.train", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["vae", "clip", "unet", "all"])
+    p.add_argument("stage", choices=["vae", "clip", "clip-refine", "unet", "all"],
+                   help="clip = both CLIP phases; clip-refine = the second phase only, from the CLIP in --out")
     p.add_argument("--out", type=Path, default=None, help="weights folder (default: the package's weights/)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
@@ -328,19 +336,26 @@ def main(argv: list[str] | None = None) -> int:
         base = [sys.executable, "-m", "carlos_ray.world.train", "--out", str(out), "--seed", str(args.seed), "--threads", "1"]
         if args.no_progress:
             base.append("--no-progress")
-        procs = [subprocess.Popen(base[:3] + [st] + base[3:]) for st in ("vae", "clip")]
-        codes = [pr.wait() for pr in procs]
-        if any(codes):
-            logger.error("vae/clip stages failed with exit codes %s", codes)
+        # the UNet needs only the VAE: it starts as soon as the VAE is done, while the CLIP trains on
+        vae, clip = (subprocess.Popen(base[:3] + [st] + base[3:]) for st in ("vae", "clip"))
+        if vae.wait():
+            clip.terminate()
+            logger.error("the vae stage failed with exit code %s", vae.returncode)
             return 1
         rc = main(["unet", "--out", str(out), "--seed", str(args.seed), "--threads", str(args.threads or 2),
                    "--pool", str(args.pool)] + (["--no-progress"] if args.no_progress else []))
+        if clip.wait():
+            logger.error("the clip stage failed with exit code %s", clip.returncode)
+            return 1
         logger.info("all stages: %.1f min", (time.time() - t0) / 60)
         return rc
     torch.set_num_threads(args.threads or 1)
-    fn = {"vae": train_vae, "clip": train_clip}.get(args.stage)
-    if fn is not None:
-        fn(out, _stage_cfg(args.stage, args))
+    if args.stage == "vae":
+        train_vae(out, _stage_cfg("vae", args))
+    elif args.stage in ("clip", "clip-refine"):
+        if args.stage == "clip":
+            train_clip(out, _stage_cfg("clip", args))
+        train_clip(out, _stage_cfg("clip-refine", args), init=out)
     else:
         train_unet(out, _stage_cfg("unet", args), pool=args.pool, save_every=args.save_every)
     return 0
