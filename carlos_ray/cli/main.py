@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from carlos_ray.cli import behavior, demo, indexing, lora, report, retrieval
+from carlos_ray.cli import behavior, demo, evaluation, indexing, lora, report, retrieval
 from carlos_ray.cli.common import EXIT_USAGE, UsageError
 
 # Every command group adds its subcommands here, in this order (the order of `carlos-ray --help`).
@@ -17,6 +17,7 @@ COMMAND_GROUPS = (
     retrieval.add_commands,  # query, similar, serve
     report.add_commands,  # import-reference, report
     behavior.add_commands,  # tags, groups, duplicates
+    evaluation.add_commands,  # eval, eval-queries
 )
 
 
