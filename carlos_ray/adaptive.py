@@ -25,10 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from carlos_ray.signatures import PartialStats
 from carlos_ray.uncertainty import SignatureErrors
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def sample_order(categories: Sequence[str], n_seeds: int, seed: int = 0) -> np.ndarray:
@@ -91,17 +96,102 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class StoppingRule:
-    """A LoRA stops when every standard error is under its bound (and at least ``min_rounds`` rounds ran)."""
+    """A LoRA stops when every standard error is under its bound, after at least ``min_rounds`` rounds and
+    ``min_samples`` samples (NaN-free, finite samples: ``errs.n``)."""
 
     max_direction_rse: float
     max_strength_rse: float
     max_consistency_se: float
     min_rounds: int = 1
+    min_samples: int = 2
 
     def settled(self, errs: SignatureErrors, rounds_done: int) -> bool:
         """True when the signature is precise enough to stop; a NaN error (too few samples) is never settled."""
-        if rounds_done < self.min_rounds:
+        if rounds_done < self.min_rounds or errs.n < self.min_samples:
             return False
         checks = ((errs.direction_rse, self.max_direction_rse), (errs.strength_rse, self.max_strength_rse),
                   (errs.consistency_se, self.max_consistency_se))
         return all(not math.isnan(v) and v <= bound for v, bound in checks)
+
+
+# ---- state carried between rounds ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Carry:
+    """What a LoRA has after ``rounds_done`` finished rounds: its merged statistics and its non-finite count."""
+
+    rounds_done: int
+    partial: PartialStats | None
+    n_nonfinite: int = 0
+
+
+def partials_table(rows: list[dict], config_hash: str) -> "pa.Table":
+    """Rows ``{lora_id, rounds_done, n_nonfinite, **PartialStats.to_row()}`` as the index's `partials` table."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{**r, "config_hash": config_hash} for r in rows], schema=PARTIALS_SCHEMA)
+
+
+def _partials_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("lora_id", pa.string()), ("config_hash", pa.string()), ("rounds_done", pa.int32()),
+        ("n_nonfinite", pa.int64()), ("d", pa.int64()), ("n_prompts", pa.int64()), ("count", pa.int64()),
+        ("sum_norm", pa.float64()), ("norm_m2", pa.float64()), ("sum_diff", pa.list_(pa.float64())),
+        ("prompt_unit_sum", pa.list_(pa.float64())), ("prompt_norm_sum", pa.list_(pa.float64())),
+        ("prompt_count", pa.list_(pa.int64())), ("prompt_nonzero", pa.list_(pa.int64())),
+    ])
+
+
+PARTIALS_SCHEMA = _partials_schema()
+
+
+class AdaptiveRounds:
+    """The round schedule, the stopping rule and every running LoRA's carried statistics.
+
+    Built from the index snapshot, so a resumed job continues each LoRA after its last committed round
+    (the commit that stores a round's merged statistics is the same atomic manifest swap as any other)."""
+
+    def __init__(self, plan: RoundPlan, rule: StoppingRule, config_hash: str, partials: "pa.Table | None" = None):
+        self.plan = plan
+        self.rule = rule
+        self.config_hash = config_hash
+        self.carry: dict[str, Carry] = {}
+        self.running: set[str] = set()  # LoRAs whose last committed round did not settle them
+        if partials is not None and partials.num_rows:
+            for row in partials.to_pylist():
+                if row.get("config_hash") != config_hash:
+                    continue
+                have = self.carry.get(row["lora_id"])
+                if have is None or row["rounds_done"] > have.rounds_done:
+                    self.carry[row["lora_id"]] = Carry(int(row["rounds_done"]), PartialStats.from_row(row),
+                                                       int(row["n_nonfinite"]))
+
+    def get(self, lora_id: str) -> Carry:
+        return self.carry.get(lora_id, Carry(0, None, 0))
+
+    def next_samples(self, lora_id: str) -> np.ndarray:
+        """(prompt_idx, seed_idx) of the LoRA's next round."""
+        return self.plan.samples(self.get(lora_id).rounds_done)
+
+    def advance(self, lora_id: str, partial: PartialStats, n_nonfinite: int) -> Carry:
+        """The carry after one more round (not yet recorded: see :meth:`record`)."""
+        c = self.get(lora_id)
+        merged = partial if c.partial is None else c.partial.merge(partial)
+        return Carry(c.rounds_done + 1, merged, c.n_nonfinite + n_nonfinite)
+
+    def record(self, lora_id: str, carry: Carry | None) -> None:
+        """Remember a LoRA's carry once the commit holding it is in the index (None: it stopped or was rejected)."""
+        if carry is None:
+            self.carry.pop(lora_id, None)
+            self.running.discard(lora_id)
+        else:
+            self.carry[lora_id] = carry
+            self.running.add(lora_id)
+
+    def is_last(self, carry: Carry) -> bool:
+        return carry.rounds_done >= self.plan.n_rounds
+
+    def row(self, lora_id: str, carry: Carry) -> dict:
+        return {"lora_id": lora_id, "rounds_done": carry.rounds_done, "n_nonfinite": carry.n_nonfinite,
+                **carry.partial.to_row()}

@@ -28,7 +28,9 @@ import pyarrow as pa
 
 from carlos_ray.config import Config, resolve_path
 from carlos_ray.prompts import PromptSet, load_prompt_set
+from carlos_ray.adaptive import AdaptiveRounds, Carry, RoundPlan, StoppingRule, partials_table
 from carlos_ray.signatures import PartialStats, Signature
+from carlos_ray.uncertainty import SignatureErrors, standard_errors
 from carlos_ray.store import Index, now_iso, png_bytes, rejects_table
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class IndexSummary:
     rejected: int = 0
     duplicates: int = 0
     images_generated: int = 0
+    rounds: int = 0  # LoRA passes run (adaptive sampling: one per round; else 1)
     pass_retries: int = 0
     duplicate_outputs: int = 0
     base_cached: bool = False
@@ -455,20 +458,33 @@ class IndexPlan:
         self.base_key = cfg.base_key(self.prompt_hash)
         self.image_size = encoder_image_size(cfg.encoder)
         self.categories = list(self.prompts.category_of_index)
+        a = cfg.sampling.adaptive
+        self.rounds: RoundPlan | None = (
+            RoundPlan.build(self.categories, len(self.seeds), a.round_fraction, a.order_seed) if a.enabled else None)
+
+    def adaptive_state(self, partials: pa.Table | None) -> AdaptiveRounds | None:
+        """Round state of an adaptive run, resumed from the index's `partials` table (None: not adaptive)."""
+        if self.rounds is None:
+            return None
+        a = self.cfg.sampling.adaptive
+        rule = StoppingRule(a.max_direction_rse, a.max_strength_rse, a.max_consistency_se, a.min_rounds, a.min_samples)
+        return AdaptiveRounds(self.rounds, rule, self.config_hash, partials)
 
     @property
     def samples_per_lora(self) -> int:
         return len(self.prompts) * len(self.seeds)
 
-    def rows(self, jobs: list[LoraJob | None]) -> list[dict]:
-        """LoRA-major rows; `None` is the base model."""
+    def rows(self, jobs: list[LoraJob | None], samples: np.ndarray | None = None) -> list[dict]:
+        """LoRA-major rows; `None` is the base model. `samples`: only these (prompt_idx, seed_idx) pairs."""
+        if samples is None:
+            samples = [(pi, si) for pi in range(len(self.prompts)) for si in range(len(self.seeds))]
         out = []
         for job in jobs:
-            for pi, prompt in enumerate(self.prompts.prompts):
-                for si, seed in enumerate(self.seeds):
-                    out.append({"lora_id": job.lora_id if job else "", "lora_path": job.path if job else "",
-                                "prompt": lora_prompt(prompt.text, job, self.cfg), "prompt_idx": pi,
-                                "seed_idx": si, "seed": seed})
+            for pi, si in samples:
+                pi, si = int(pi), int(si)
+                out.append({"lora_id": job.lora_id if job else "", "lora_path": job.path if job else "",
+                            "prompt": lora_prompt(self.prompts.prompts[pi].text, job, self.cfg), "prompt_idx": pi,
+                            "seed_idx": si, "seed": self.seeds[si]})
         return out
 
     def manifest_fields(self) -> dict:
@@ -487,8 +503,9 @@ class IndexPlan:
         }
 
 
-def signature_row(job: LoraJob, sig: Signature, plan: IndexPlan) -> dict:
-    return {
+def signature_row(job: LoraJob, sig: Signature, plan: IndexPlan, errs: SignatureErrors | None = None,
+                  n_rounds: int | None = None) -> dict:
+    return {**(errs.as_row() if errs else {}), "n_rounds": n_rounds,
         "lora_id": job.lora_id, "name": job.name, "description": job.description, "trigger_words": job.trigger_words,
         "source_path": job.path, "source_url": job.source_url, "sha256": job.sha256, "format": job.format,
         "rank": job.rank, "direction": sig.direction.tolist(), "strength": float(sig.strength),
@@ -623,7 +640,11 @@ def run_index(
             summary.images_generated += plan.samples_per_lora
         if todo:
             t2 = time.time()
-            _lora_pass_with_retries(plan, index, todo, base, summary, commit_every, on_lora)
+            rounds = plan.adaptive_state(snap.table("partials"))
+            while todo:  # one pass (adaptive: one per round, over the LoRAs still running)
+                _lora_pass_with_retries(plan, index, todo, base, summary, commit_every, on_lora, rounds)
+                summary.rounds += 1
+                todo = [] if rounds is None else [j for j in todo if j.lora_id in rounds.running]
             summary.lora_pass_seconds = time.time() - t2
         index.commit(fields={"thresholds": _thresholds(cfg, index), **plan.manifest_fields()})
         if index.read_manifest()["counts"].get("parts", 0) > COMPACT_AFTER_PARTS:
@@ -661,7 +682,8 @@ def is_system_failure(e: BaseException) -> bool:
 
 
 def _lora_pass_with_retries(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.ndarray,
-                            summary: IndexSummary, commit_every: int, on_lora: Callable[[dict], None] | None) -> None:
+                            summary: IndexSummary, commit_every: int, on_lora: Callable[[dict], None] | None,
+                            rounds: AdaptiveRounds | None = None) -> None:
     """Run the LoRA pass; after a system failure, re-run it for the LoRAs not yet committed.
 
     Ray restarts dead actors and retries their tasks (`resources.max_restarts`, `max_task_retries`); when that is
@@ -672,18 +694,19 @@ def _lora_pass_with_retries(plan: IndexPlan, index: Index, todo: list[LoraJob], 
 
     registry = start_registry(plan.cfg.resources.max_worker_crashes)  # quarantines LoRAs that crash their actor
     try:
-        _retry_loop(plan, index, list(todo), base, summary, commit_every, on_lora, registry)
+        _retry_loop(plan, index, list(todo), base, summary, commit_every, on_lora, registry, rounds)
     finally:
         ray.kill(registry)
 
 
 def _retry_loop(plan: IndexPlan, index: Index, remaining: list[LoraJob], base: np.ndarray, summary: IndexSummary,
-                commit_every: int, on_lora: Callable[[dict], None] | None, registry: Any) -> None:
+                commit_every: int, on_lora: Callable[[dict], None] | None, registry: Any,
+                rounds: AdaptiveRounds | None = None) -> None:
     stalled = 0
     while True:
         finished: set[str] = set()
         try:
-            _run_lora_pass(plan, index, remaining, base, summary, commit_every, on_lora, finished, registry)
+            _run_lora_pass(plan, index, remaining, base, summary, commit_every, on_lora, finished, registry, rounds)
             return
         except Exception as e:
             if not is_system_failure(e):
@@ -702,15 +725,25 @@ def _retry_loop(plan: IndexPlan, index: Index, remaining: list[LoraJob], base: n
 
 def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.ndarray, summary: IndexSummary,
                    commit_every: int, on_lora: Callable[[dict], None] | None, finished_ids: set[str],
-                   registry: Any = None) -> None:
-    """One streaming pass over `todo`; each LoRA is committed once all its samples are in (ids go to `finished_ids`)."""
+                   registry: Any = None, rounds: AdaptiveRounds | None = None) -> None:
+    """One streaming pass over `todo`; each LoRA is committed once all its samples are in (ids go to `finished_ids`).
+
+    With `rounds` (adaptive sampling) a LoRA's samples in this pass are its next round; once they are in, its
+    merged statistics either settle (signature committed) or are committed to the `partials` table, and the
+    LoRA runs again in the next pass."""
     import ray.data
 
     cfg = plan.cfg
     _data_context(cfg)
-    n_lora = plan.samples_per_lora
-    rows = plan.rows(todo)
-    blocks = max(1, len(rows) // (cfg.indexing.lora_block_rows or n_lora))
+    rows: list[dict] = []
+    expected: dict[str, int] = {}
+    for job in todo:
+        samples = None if rounds is None else rounds.next_samples(job.lora_id)
+        job_rows = plan.rows([job], samples)
+        expected[job.lora_id] = len(job_rows)
+        rows += job_rows
+    per_lora = max(1, len(rows) // max(len(todo), 1))
+    blocks = max(1, len(rows) // (cfg.indexing.lora_block_rows or per_lora))
     ds = _generate_and_embed(ray.data.from_items(rows, override_num_blocks=blocks), plan, base=base, registry=registry)
 
     by_id = {j.lora_id: j for j in todo}
@@ -719,8 +752,9 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
     nonfinite: dict[str, int] = defaultdict(int)
     errors: dict[str, str] = {}
     extra: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    pending: dict[str, list] = {"signatures": [], "rejects": [], "diffs": [], "thumbs": []}
+    pending: dict[str, list] = {"signatures": [], "rejects": [], "diffs": [], "thumbs": [], "partials": []}
     committed_ids: list[str] = []
+    carries: dict[str, Carry | None] = {}  # adaptive: the carry each pending LoRA leaves (None: it stopped)
 
     def flush() -> None:
         if not any(pending.values()):
@@ -730,10 +764,15 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
             "rejects": rejects_table(pending["rejects"], plan.config_hash) if pending["rejects"] else None,
             "diffs": pa.concat_tables(pending["diffs"]) if pending["diffs"] else None,
             "thumbs": pa.Table.from_pylist(pending["thumbs"]) if pending["thumbs"] else None,
+            "partials": partials_table(pending["partials"], plan.config_hash) if pending["partials"] else None,
         }
         m = index.commit(tables)
-        logger.info("committed %d signatures, %d rejects (index version %d)", len(pending["signatures"]),
-                    len(pending["rejects"]), m["version"])
+        logger.info("committed %d signatures, %d rejects, %d round partials (index version %d)",
+                    len(pending["signatures"]), len(pending["rejects"]), len(pending["partials"]), m["version"])
+        if rounds is not None:
+            for lid, carry in carries.items():
+                rounds.record(lid, carry)
+            carries.clear()
         finished_ids.update(committed_ids)
         committed_ids.clear()
         for v in pending.values():
@@ -765,49 +804,69 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
 
     def finish(lid: str, position: int) -> None:
         job = by_id[lid]
-        summary.images_generated += n_lora
+        summary.images_generated += expected[lid]
+        if rounds is None:
+            carry = Carry(1, acc[lid], nonfinite[lid])
+            n_taken = plan.samples_per_lora
+        else:
+            carry = rounds.advance(lid, acc[lid], nonfinite[lid])
+            n_taken = rounds.plan.used(carry.rounds_done)
+        total = carry.partial
         reject = None
         if lid in errors and errors[lid].startswith(WORKER_CRASHED + ":"):
             reject = (WORKER_CRASHED, errors[lid].split(":", 1)[1].strip())
         elif lid in errors:
             reject = ("load_failed", f"the adapter failed to load or run: {errors[lid]}")
-        elif nonfinite[lid] / n_lora > cfg.indexing.max_nonfinite_fraction:
-            reject = ("nonfinite_samples", f"{nonfinite[lid]} of {n_lora} images or embeddings were non-finite "
+        elif carry.n_nonfinite / n_taken > cfg.indexing.max_nonfinite_fraction:
+            reject = ("nonfinite_samples", f"{carry.n_nonfinite} of {n_taken} images or embeddings were non-finite "
                       f"(limit {cfg.indexing.max_nonfinite_fraction:.0%})")
-        elif acc[lid].count < 2:
-            reject = ("too_few_samples", f"only {acc[lid].count} finite samples; a signature needs at least 2")
+        elif total.count < 2 and (rounds is None or rounds.is_last(carry)):
+            reject = ("too_few_samples", f"only {total.count} finite samples; a signature needs at least 2")
+        keep_extras = True
         if reject:
             r = {"path": job.path, "sha256": job.sha256, "code": reject[0], "reason": reject[1]}
             pending["rejects"].append(r)
             summary.rejects.append(r)
+            keep_extras = False
+            carries[lid] = None
             logger.info("[%d/%d] rejected %s: %s", position, len(todo), job.name, reject[1])
         else:
-            sig = acc[lid].finalize(plan.categories)
-            pending["signatures"].append(signature_row(job, sig, plan))
-            if cfg.indexing.keep_diffs:
-                pending["diffs"].append(diffs_table(lid, extra[lid], len(sig.direction)))
+            errs = standard_errors(total)
+            if rounds is not None and not rounds.is_last(carry) and not rounds.rule.settled(errs, carry.rounds_done):
+                pending["partials"].append(rounds.row(lid, carry))
+                carries[lid] = carry
+                logger.info("[%d/%d] %s: round %d, %d samples, direction rse %.3g, strength rse %.3g, consistency "
+                            "se %.3g: not settled", position, len(todo), job.name, carry.rounds_done, total.count,
+                            errs.direction_rse, errs.strength_rse, errs.consistency_se)
+            else:
+                sig = total.finalize(plan.categories)
+                pending["signatures"].append(signature_row(job, sig, plan, errs, carry.rounds_done))
+                carries[lid] = None
+                summary.indexed += 1
+                logger.info("[%d/%d] indexed %s  strength=%.4g±%.2g consistency=%.4g±%.2g n=%d", position, len(todo),
+                            job.name, sig.strength, errs.strength_se, sig.consistency, errs.consistency_se, sig.n)
+                if on_lora:
+                    on_lora({"lora_id": lid, "name": job.name, "strength": sig.strength, "consistency": sig.consistency})
+        if keep_extras:  # a round's diffs and thumbnails are committed with the round's statistics
+            if cfg.indexing.keep_diffs and extra[lid]["diffs"]:
+                pending["diffs"].append(diffs_table(lid, extra[lid], total.d))
             if cfg.indexing.keep_thumbnails:
                 for pi, png in zip(extra[lid]["thumb_prompt_idx"], extra[lid]["thumbs"]):
                     pending["thumbs"].append({"lora_id": lid, "prompt_idx": pi, "png": png})
-            summary.indexed += 1
-            logger.info("[%d/%d] indexed %s  strength=%.4g consistency=%.4g n=%d", position, len(todo), job.name,
-                        sig.strength, sig.consistency, sig.n)
-            if on_lora:
-                on_lora({"lora_id": lid, "name": job.name, "strength": sig.strength, "consistency": sig.consistency})
         committed_ids.append(lid)
         del acc[lid], extra[lid]
 
     finished = 0
     try:
         for row in ds.iter_rows():
-            if receive(row) and len(covered[row["lora_id"]]) == n_lora:
+            if receive(row) and len(covered[row["lora_id"]]) == expected[row["lora_id"]]:
                 finished += 1
                 finish(row["lora_id"], finished)
                 if finished % commit_every == 0:
                     flush()
     finally:  # every finished LoRA is complete: commit it even when the pass fails
         flush()
-    incomplete = [by_id[k].name for k in covered if len(covered[k]) < n_lora]
+    incomplete = [by_id[k].name for k in covered if len(covered[k]) < expected[k]]
     if incomplete:
         raise IncompletePass(f"the pipeline ended with incomplete LoRAs {incomplete}: nothing of them was committed")
 

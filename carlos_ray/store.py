@@ -8,6 +8,7 @@ Layout::
     INDEX/data/base/<base_key>.parquet      base-image embeddings per (prompt, seed), shared by every LoRA
     INDEX/data/diffs/part-*.parquet         optional per-sample diffs (float16)
     INDEX/data/thumbs/part-*.parquet        optional small base/LoRA image pairs (PNG bytes)
+    INDEX/data/partials/part-*.parquet      adaptive sampling: merged statistics of LoRAs between rounds
 
 Commits are atomic: parts are immutable and written first under fresh names; the manifest naming them
 is then swapped in by a single rename (local) or a single object PUT (object stores). A reader loads
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-TABLES = ("signatures", "rejects", "diffs", "thumbs")
+TABLES = ("signatures", "rejects", "diffs", "thumbs", "partials")
 MANIFEST = "manifest.json"
 RETENTION_S = 600.0  # how long dropped parts outlive the manifest that stopped listing them
 

@@ -258,7 +258,7 @@ def test_pass_retries_resume_the_rest_and_stop_when_nothing_progresses(monkeypat
     monkeypatch.setattr(ix.time, "sleep", lambda s: None)
     calls: list[list[str]] = []
 
-    def flaky(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
+    def flaky(plan, index, todo, base, summary, commit_every, on_lora, finished, registry, rounds=None):
         calls.append([j.lora_id for j in todo])
         if len(calls) == 1:
             finished.add(todo[0].lora_id)  # one LoRA committed, then a node is lost
@@ -273,14 +273,14 @@ def test_pass_retries_resume_the_rest_and_stop_when_nothing_progresses(monkeypat
     assert calls == [["id0", "id1", "id2"], ["id1", "id2"], ["id1", "id2"]]
     assert summary.pass_retries == 2
 
-    def always_down(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
+    def always_down(plan, index, todo, base, summary, commit_every, on_lora, finished, registry, rounds=None):
         raise ActorDiedError()
 
     monkeypatch.setattr(ix, "_run_lora_pass", always_down)
     with pytest.raises(RuntimeError, match="3 times in a row without finishing a LoRA"):
         ix._retry_loop(plan, None, _jobs(2), None, ix.IndexSummary(), 1, None, None)
 
-    def buggy(plan, index, todo, base, summary, commit_every, on_lora, finished, registry):
+    def buggy(plan, index, todo, base, summary, commit_every, on_lora, finished, registry, rounds=None):
         raise KeyError("a bug, not a fault")
 
     monkeypatch.setattr(ix, "_run_lora_pass", buggy)
