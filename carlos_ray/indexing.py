@@ -846,7 +846,9 @@ def _run_lora_pass(plan: IndexPlan, index: Index, todo: list[LoraJob], base: np.
                 logger.info("[%d/%d] indexed %s  strength=%.4g±%.2g consistency=%.4g±%.2g n=%d", position, len(todo),
                             job.name, sig.strength, errs.strength_se, sig.consistency, errs.consistency_se, sig.n)
                 if on_lora:
-                    on_lora({"lora_id": lid, "name": job.name, "strength": sig.strength, "consistency": sig.consistency})
+                    on_lora({"lora_id": lid, "name": job.name, "strength": sig.strength, "consistency": sig.consistency,
+                             "strength_se": errs.strength_se, "consistency_se": errs.consistency_se, "n": sig.n,
+                             "n_rounds": carry.rounds_done})
         if keep_extras:  # a round's diffs and thumbnails are committed with the round's statistics
             if cfg.indexing.keep_diffs and extra[lid]["diffs"]:
                 pending["diffs"].append(diffs_table(lid, extra[lid], total.d))

@@ -642,9 +642,16 @@ def build_report(index_uri: str, out_dir: str | Path, *, max_grids: int = MAX_GR
                              out / "grids" / f"{_safe_name(ids[i])}.png")
             grids.append((i, path))
 
+    from carlos_ray.uncertainty import format_estimate
+
+    def column(name: str) -> list:
+        return table[name].to_pylist() if name in table.column_names else [None] * n
+
+    stated = [(format_estimate(s, se), format_estimate(c, ce), k) for s, se, c, ce, k in zip(
+        strength.tolist(), column("strength_se"), consistency.tolist(), column("consistency_se"), column("n"))]
     page = _render_html(
         index_uri=str(index_uri), manifest=m, n=n, title=title, thresholds=thresholds, quadrants=quadrants,
-        ids=ids, names=names, strength=strength, consistency=consistency, labelled=labelled, files=files,
+        ids=ids, names=names, strength=strength, consistency=consistency, stated=stated, labelled=labelled, files=files,
         cat_note=cat_note, groups=groups, dup_rows=dup_rows, dup_header=dup_header, grids=grids, grid_note=grid_note,
         out=out,
     )  # fmt: skip
@@ -665,7 +672,8 @@ def _describe(spec: Any) -> str:
 
 
 def _render_html(*, index_uri: str, manifest: dict, n: int, title: str, thresholds: Thresholds, quadrants: list[str],
-                 ids: list[str], names: list[str], strength: np.ndarray, consistency: np.ndarray, labelled: list[int],
+                 ids: list[str], names: list[str], strength: np.ndarray, consistency: np.ndarray,
+                 stated: list[tuple[str, str, int | None]], labelled: list[int],
                  files: dict[str, Path], cat_note: str, groups: list[list[int]], dup_rows: list, dup_header: list[str],
                  grids: list[tuple[int, Path]], grid_note: str, out: Path) -> str:
     def rel(p: Path) -> str:
@@ -751,7 +759,9 @@ def _render_html(*, index_uri: str, manifest: dict, n: int, title: str, threshol
                  "quadrant, filter verdict and near-duplicate group).</p>")
     if n <= MAX_HTML_TABLE_ROWS:
         order = np.argsort(-np.nan_to_num(strength, nan=-np.inf), kind="stable")
-        parts.append(_html_table(["name", "lora_id", "strength", "consistency", "quadrant"],
-                                 [[names[i], ids[i], strength[i], consistency[i], quadrants[i]] for i in order]))
+        parts.append('<p class="note">Strength and consistency with their 95% intervals (± 1.96 standard errors, from '
+                     "the samples each signature used).</p>")
+        parts.append(_html_table(["name", "lora_id", "strength", "consistency", "samples", "quadrant"],
+                                 [[names[i], ids[i], *stated[i], quadrants[i]] for i in order]))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -553,7 +553,10 @@ class RankerService:
         except UnknownLora as e:
             raise ServiceError(404, "unknown_lora", str(e)) from None
         row.pop("direction", None)
-        return {"lora_id": lora_id, "index_version": state.version, "dim": state.ranker.dim, "signature": _json_safe(row)}
+        from carlos_ray.uncertainty import stated_intervals
+
+        return {"lora_id": lora_id, "index_version": state.version, "dim": state.ranker.dim, "signature": _json_safe(row),
+                "intervals": _json_safe(stated_intervals(row))}
 
     def summary(self) -> dict:
         """Manifest summary and counts of the version being served (no local paths)."""

@@ -117,3 +117,37 @@ def standard_errors(p: PartialStats) -> SignatureErrors:
     s_rse = _relative(s_se, strength)
     return SignatureErrors(n=int(n), direction_se=d_se, direction_rse=float(d_rse), strength_se=s_se,
                            strength_rse=float(s_rse), consistency_se=consistency_se(p))
+
+
+def format_estimate(value: float | None, se: float | None, z: float = Z95) -> str:
+    """``"4.12 ± 0.39"``: the value and its ``z``-standard-error half-width (95% by default), the half-width to two
+    significant digits and the value to the same decimal place; just the value when there is no finite error."""
+    if value is None:
+        return ""
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else str(value)
+    if se is None or not math.isfinite(se):
+        return f"{value:.4g}"
+    half = z * se
+    if half == 0:
+        return f"{value:.4g} ± 0"
+    decimals = max(0, 1 - math.floor(math.log10(half)))
+    return f"{value:.{decimals}f} ± {half:.{decimals}f}"
+
+
+def stated_intervals(row: dict) -> dict:
+    """The 95% intervals of a signatures-table row as text and numbers (for `/loras/{id}` and the CLI)."""
+    def half(key: str) -> float | None:
+        v = row.get(key)
+        return None if v is None or not math.isfinite(v) else Z95 * v
+
+    return {
+        "confidence": 0.95,
+        "samples": row.get("n"),
+        "rounds": row.get("n_rounds"),
+        "strength": format_estimate(row.get("strength"), row.get("strength_se")),
+        "consistency": format_estimate(row.get("consistency"), row.get("consistency_se")),
+        "strength_half_width": half("strength_se"),
+        "consistency_half_width": half("consistency_se"),
+        "direction_rse": row.get("direction_rse"),
+    }

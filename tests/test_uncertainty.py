@@ -158,3 +158,36 @@ def test_intervals_cover_the_full_protocol_value_under_the_adaptive_order():
             total += 1
     for name, h in hits.items():
         assert h / total >= 0.90, f"{name}: the full value is inside the interval {h / total:.3f} of the time"
+
+
+# ---- what users see -------------------------------------------------------------------------------------
+def test_estimates_are_shown_with_their_95_percent_half_width():
+    from carlos_ray.uncertainty import format_estimate
+
+    assert format_estimate(4.1234, 0.1) == "4.12 ± 0.20"  # 1.96 * 0.1 = 0.196: two significant digits
+    assert format_estimate(0.043217, 0.0021) == "0.0432 ± 0.0041"
+    assert format_estimate(123.4, 7.0) == "123 ± 14"
+    assert format_estimate(0.0, 0.0) == "0 ± 0"
+    assert format_estimate(2.5, None) == "2.5" and format_estimate(2.5, math.nan) == "2.5"
+    assert format_estimate(None, 0.1) == "" and format_estimate(math.nan, 0.1) == "NaN"
+
+
+def test_the_lora_endpoint_states_the_intervals_of_the_stored_errors():
+    import pyarrow as pa
+
+    from carlos_ray.ranker import Ranker
+    from carlos_ray.schema import SIGNATURE_SCHEMA, conform_signatures
+    from carlos_ray.service import FixedIndex, RankerService
+
+    rows = [{"lora_id": "a", "name": "A", "direction": [1.0, 0.0], "strength": 4.1234, "consistency": 0.5, "n": 140,
+             "strength_se": 0.1, "consistency_se": 0.01, "direction_rse": 0.05, "n_rounds": 2},
+            {"lora_id": "b", "name": "B", "direction": [0.0, 1.0], "strength": 1.0, "consistency": 0.2}]  # no errors
+    table = conform_signatures(pa.Table.from_pylist(rows, schema=SIGNATURE_SCHEMA))
+    service = RankerService(FixedIndex(Ranker.from_table(table), {"version": 1}))
+    a = service.get("a")
+    assert a["signature"]["strength_se"] == 0.1 and a["signature"]["n"] == 140
+    assert a["intervals"]["strength"] == "4.12 ± 0.20" and a["intervals"]["consistency"] == "0.500 ± 0.020"
+    assert a["intervals"]["samples"] == 140 and a["intervals"]["rounds"] == 2 and a["intervals"]["confidence"] == 0.95
+    assert a["intervals"]["strength_half_width"] == pytest.approx(Z95 * 0.1)
+    b = service.get("b")
+    assert b["intervals"]["strength"] == "1" and b["intervals"]["strength_half_width"] is None
