@@ -195,3 +195,17 @@ class AdaptiveRounds:
     def row(self, lora_id: str, carry: Carry) -> dict:
         return {"lora_id": lora_id, "rounds_done": carry.rounds_done, "n_nonfinite": carry.n_nonfinite,
                 **carry.partial.to_row()}
+
+
+def live_partials(partials: "pa.Table", indexed_ids: set[str]) -> "pa.Table":
+    """The rows of a `partials` table a resumed job can still use: the latest round of each LoRA not yet indexed
+    (compaction keeps only these)."""
+    import pyarrow as pa
+
+    ids = partials.column("lora_id").to_pylist()
+    rounds = partials.column("rounds_done").to_pylist()
+    best: dict[str, int] = {}
+    for i, (lid, r) in enumerate(zip(ids, rounds)):
+        if lid not in indexed_ids and (lid not in best or r > rounds[best[lid]]):
+            best[lid] = i
+    return partials.take(pa.array(sorted(best.values()), pa.int64()))

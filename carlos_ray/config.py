@@ -124,6 +124,10 @@ class AdaptiveSpec(StrictModel):
     max_consistency_se: float = Field(
         0.02, gt=0.0, description="Stop only when consistency's standard error (jackknife over prompts) is at most this.")
     order_seed: int = Field(0, ge=0, description="Seed of the within-category prompt shuffle that fixes the sample order.")
+    max_in_flight: int = Field(
+        256, ge=1, le=1_000_000, description="LoRAs sampled in rounds together (a wave); the next wave starts when this "
+        "one is done. Bounds the driver's memory and the index's `partials` table to this many LoRAs' statistics "
+        "(O(|P| d) each, ~1.1 MB at 280 x 512).")
 
 
 class SamplingSpec(StrictModel):
@@ -245,7 +249,7 @@ class Config(StrictModel):
             "trigger_joiner": self.sampling.trigger_joiner,
         }
         if self.sampling.adaptive.enabled:  # adaptive signatures use fewer samples: another index
-            payload["adaptive"] = self.sampling.adaptive.model_dump()
+            payload["adaptive"] = self.sampling.adaptive.model_dump(exclude={"max_in_flight"})
         return self._hash(payload)
 
 

@@ -641,10 +641,18 @@ def run_index(
         if todo:
             t2 = time.time()
             rounds = plan.adaptive_state(snap.table("partials"))
-            while todo:  # one pass (adaptive: one per round, over the LoRAs still running)
-                _lora_pass_with_retries(plan, index, todo, base, summary, commit_every, on_lora, rounds)
+            if rounds is None:
+                _lora_pass_with_retries(plan, index, todo, base, summary, commit_every, on_lora)
                 summary.rounds += 1
-                todo = [] if rounds is None else [j for j in todo if j.lora_id in rounds.running]
+            else:  # waves of at most max_in_flight LoRAs; resumed LoRAs (with committed rounds) first
+                todo.sort(key=lambda j: j.lora_id not in rounds.carry)
+                wave_size = cfg.sampling.adaptive.max_in_flight
+                for start in range(0, len(todo), wave_size):
+                    wave = todo[start : start + wave_size]
+                    while wave:  # one Ray Data pass per round, over the LoRAs of the wave still running
+                        _lora_pass_with_retries(plan, index, wave, base, summary, commit_every, on_lora, rounds)
+                        summary.rounds += 1
+                        wave = [j for j in wave if j.lora_id in rounds.running]
             summary.lora_pass_seconds = time.time() - t2
         index.commit(fields={"thresholds": _thresholds(cfg, index), **plan.manifest_fields()})
         if index.read_manifest()["counts"].get("parts", 0) > COMPACT_AFTER_PARTS:

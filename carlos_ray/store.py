@@ -281,6 +281,10 @@ class Index:
         parts = {}
         for name in TABLES:
             t = snap.table(name)
+            if name == "partials" and t is not None:  # round statistics of finished LoRAs are dead weight
+                from carlos_ray.adaptive import live_partials
+
+                t = live_partials(t, snap.indexed_ids())
             parts[name] = [self._write_part(name, t)] if t is not None and t.num_rows else []
         counts = {**m.get("counts", {}), "parts": sum(len(v) for v in parts.values())}
         m = {**m, "parts": parts, "counts": counts, "version": int(m["version"]) + 1, "updated_at": now_iso(),

@@ -125,3 +125,35 @@ def test_adaptive_signatures_are_the_statistics_of_the_samples_their_rounds_took
     partials = snap.table("partials").to_pylist()
     got = sorted((p["lora_id"], p["rounds_done"]) for p in partials)
     assert got == sorted((lid, r) for lid, row in rows.items() for r in range(1, row["n_rounds"]))
+
+
+def test_compaction_keeps_only_the_round_statistics_a_resume_can_use(tmp_path):
+    import pyarrow as pa
+
+    from carlos_ray.adaptive import AdaptiveRounds, partials_table
+    from carlos_ray.schema import SIGNATURE_SCHEMA, conform_signatures
+    from carlos_ray.signatures import PartialStats
+
+    rng = np.random.default_rng(0)
+
+    def prow(lid: str, r: int) -> dict:
+        part = PartialStats.from_diffs(rng.normal(size=(3, 4)), np.array([0, 1, 2]), 3)
+        return {"lora_id": lid, "rounds_done": r, "n_nonfinite": 0, **part.to_row()}
+
+    idx = Index(str(tmp_path / "idx"))
+    idx.init({"config_hash": "h"})
+    rows = [prow("a", 1), prow("b", 1), prow("a", 2), prow("c", 1), prow("b", 2), prow("b", 3)]
+    for row in rows:
+        idx.commit({"partials": partials_table([row], "h")})
+    sig = conform_signatures(pa.Table.from_pylist([{"lora_id": "c", "direction": [1.0], "strength": 1.0,
+                                                    "consistency": 0.5}], schema=SIGNATURE_SCHEMA))
+    idx.commit({"signatures": sig})
+    before = AdaptiveRounds(RoundPlan.build(["x"] * 3, 4, 1.0, 0), None, "h", idx.snapshot().table("partials"))
+    idx.compact(retention_s=0)
+    kept = idx.snapshot().table("partials").to_pylist()
+    assert sorted((r["lora_id"], r["rounds_done"]) for r in kept) == [("a", 2), ("b", 3)]
+    after = AdaptiveRounds(RoundPlan.build(["x"] * 3, 4, 1.0, 0), None, "h", idx.snapshot().table("partials"))
+    for lid in ("a", "b"):  # a resume sees the same carry as before the compaction
+        assert after.get(lid).rounds_done == before.get(lid).rounds_done
+        np.testing.assert_array_equal(after.get(lid).partial.prompt_unit_sum, before.get(lid).partial.prompt_unit_sum)
+    assert AdaptiveRounds(RoundPlan.build(["x"] * 3, 4, 1.0, 0), None, "other", idx.snapshot().table("partials")).carry == {}
