@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where the two indexes go (default: a temporary directory)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--quick", action="store_true", help="tiny profile, 8 synthetic LoRAs, 4 seeds")
+    for name in ("round_fraction", "max_direction_rse", "max_strength_rse", "max_consistency_se"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"sampling.adaptive.{name}")
+    ap.add_argument("--min-samples", type=int, default=None, help="sampling.adaptive.min_samples")
     args = ap.parse_args(argv)
 
     import logging
@@ -208,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     ad_cfg.sampling.adaptive.enabled = True
     ad_cfg.indexing.keep_diffs = False
     a = ad_cfg.sampling.adaptive
+    for name in ("round_fraction", "max_direction_rse", "max_strength_rse", "max_consistency_se", "min_samples"):
+        if getattr(args, name) is not None:
+            setattr(a, name, getattr(args, name))
+    full_cfg.sampling.adaptive = a.model_copy(update={"enabled": False})  # the replay uses the same schedule
     plan = IndexPlan(ad_cfg)
     full_n = plan.samples_per_lora
     print(f"profile {cfg.name}: {len(plan.prompts)} prompts x {len(plan.seeds)} seeds = {full_n} samples per LoRA; "
@@ -257,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # offline sweep of the bounds on the full run's diffs
     grid = [
-        {"max_direction_rse": d, "max_strength_rse": s, "max_consistency_se": c}
-        for d, s, c in ((0.05, 0.02, 0.01), (0.1, 0.05, 0.02), (0.15, 0.05, 0.02), (0.2, 0.08, 0.03),
-                        (0.3, 0.1, 0.05), (a.max_direction_rse, a.max_strength_rse, a.max_consistency_se))
+        {"max_direction_rse": d, "max_strength_rse": s_, "max_consistency_se": c, "min_samples": m}
+        for d, s_, c, m in ((0.05, 0.02, 0.01, a.min_samples), (0.1, 0.05, 0.02, a.min_samples),
+                            (0.15, 0.05, 0.02, a.min_samples), (0.2, 0.08, 0.03, a.min_samples),
+                            (0.3, 0.1, 0.05, a.min_samples), (0.15, 0.05, 0.02, 2 * a.min_samples),
+                            (0.15, 0.05, 0.02, max(2, a.min_samples // 2)))
     ]
+    grid.append({"max_direction_rse": a.max_direction_rse, "max_strength_rse": a.max_strength_rse,
+                 "max_consistency_se": a.max_consistency_se, "min_samples": a.min_samples, "this run": True})
     sweep = []
     for b in grid:
         rows = replay(runs["full"]["index"], full_cfg, b, Z95)
@@ -314,12 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Bounds replayed on the full run's stored diffs (float16) with the full index's thresholds:",
         "",
-        "| direction rse | strength rse | consistency se | images mean | max | reduction | top-10 overlap | same filtered "
-        "| cover strength | cover consistency |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| direction rse | strength rse | consistency se | min samples | images mean | max | reduction | top-10 overlap "
+        "| same filtered | cover strength | cover consistency |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in sweep:
+        mark = " (this run's bounds)" if s.get("this run") else ""
         lines.append(f"| {s['max_direction_rse']} | {s['max_strength_rse']} | {s['max_consistency_se']} | "
+                     f"{s['min_samples']}{mark} | "
                      f"{s['images_mean']:.1f} | {s['images_max']} | {s['reduction']:.2f}x | {s['top10_overlap']:.3f} | "
                      f"{s['same_filtered_full_thresholds']} | {_fmt(s['coverage_strength'])} | "
                      f"{_fmt(s['coverage_consistency'])} |")
