@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_rank.py --out bench_results/rank.json
 	$(BIN)/python benchmarks/bench_index.py --out bench_results/index.json
 	$(BIN)/python benchmarks/bench_serve.py --out bench_results/serve.json
+	$(BIN)/python benchmarks/bench_adaptive.py --out bench_results/adaptive.json
 
 clean:
 	rm -rf demo_out bench_results .pytest_cache

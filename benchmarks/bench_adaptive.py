@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ad_cfg.sampling.adaptive.enabled = True
     ad_cfg.indexing.keep_diffs = False
     a = ad_cfg.sampling.adaptive
+    if args.quick:  # 5 prompts x 4 seeds: the code path, with bounds loose enough that some LoRAs stop early
+        a.min_samples, a.max_direction_rse, a.max_strength_rse, a.max_consistency_se = 5, 0.3, 0.1, 0.1
     for name in ("round_fraction", "max_direction_rse", "max_strength_rse", "max_consistency_se", "min_samples"):
         if getattr(args, name) is not None:
             setattr(a, name, getattr(args, name))

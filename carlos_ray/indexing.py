@@ -26,12 +26,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pyarrow as pa
 
+from carlos_ray.adaptive import AdaptiveRounds, Carry, RoundPlan, StoppingRule, partials_table
 from carlos_ray.config import Config, resolve_path
 from carlos_ray.prompts import PromptSet, load_prompt_set
-from carlos_ray.adaptive import AdaptiveRounds, Carry, RoundPlan, StoppingRule, partials_table
 from carlos_ray.signatures import PartialStats, Signature
-from carlos_ray.uncertainty import SignatureErrors, standard_errors
 from carlos_ray.store import Index, now_iso, png_bytes, rejects_table
+from carlos_ray.uncertainty import SignatureErrors, standard_errors
 
 logger = logging.getLogger(__name__)
 
