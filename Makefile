@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned to the builds this machine class ships (pip takes them from local disk).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-all bench clean
 
 $(BIN)/carlos-ray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: setup
 	$(BIN)/carlos-ray demo --workdir demo_out
 
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup  # also the slow end-to-end tests (e.g. a non-editable install run from outside the checkout)
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
@@ -28,6 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_rank.py --out bench_results/rank.json
 	$(BIN)/python benchmarks/bench_index.py --out bench_results/index.json
 	$(BIN)/python benchmarks/bench_serve.py --out bench_results/serve.json
+	$(BIN)/python benchmarks/bench_commit.py --out bench_results/commit.json
 	$(BIN)/python benchmarks/bench_adaptive.py --out bench_results/adaptive.json
 
 clean:

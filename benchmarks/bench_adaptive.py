@@ -43,7 +43,7 @@ def _signatures(index: str) -> dict[str, dict]:
 def _thresholds(index: str) -> dict:
     from carlos_ray.store import Index
 
-    return Index(index).read_manifest().get("thresholds") or {}
+    return dict(Index(index).read_manifest().thresholds or {})
 
 
 def _kept(rows: dict[str, dict], th: dict) -> set[str]:
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     th_full, th_ad = _thresholds(runs["full"]["index"]), _thresholds(runs["adaptive"]["index"])
 
     texts, qs = _queries(zoo, cfg.generator.model == "micro")
-    from carlos_ray.service import load_query_encoder
+    from carlos_ray.serving import load_query_encoder
     from carlos_ray.store import Index
 
     enc = load_query_encoder(Index(runs["full"]["index"]).read_manifest())

@@ -95,15 +95,15 @@ def main() -> int:
 
     import ray
 
-    from carlos_ray.cli import _quiet_libraries
     from carlos_ray.config import Config
-    from carlos_ray.indexing import IndexPlan, _base_array, collect_sources, run_index
+    from carlos_ray.indexing import IndexPlan, base_array, collect_sources, run_index
+    from carlos_ray.runtime import quiet_libraries
     from carlos_ray.models.generator import generator_lora_targets
     from carlos_ray.store import Index
     from carlos_ray.zoo import make_zoo
 
     logging.basicConfig(level=logging.WARNING)
-    _quiet_libraries()
+    quiet_libraries()
     small, large = (8, 12) if args.quick else (8, 32)
     cfg = Config.from_file(args.config)
     if args.quick:
@@ -121,7 +121,7 @@ def main() -> int:
 
         warm = work / "warm"
         run_index(cfg, [], str(warm))  # base pass only: cached for every run below
-        base = _base_array(Index(str(warm)).snapshot().base(plan.base_key), plan)
+        base = base_array(Index(str(warm)).snapshot().base(plan.base_key), plan)
 
         runs = {}
         for n in (small, large):

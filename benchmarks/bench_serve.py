@@ -1,6 +1,6 @@
 """HTTP serving: requests/s and latency of GET /search at 1, 8 and 32 concurrent clients on localhost.
 
-Starts Ray, runs the Serve app (serve/app.py) on an index and drives GET /search with asyncio
+Starts Ray, runs the Serve app (carlos_ray.serving.app) on an index and drives GET /search with asyncio
 clients (aiohttp), each request a distinct query (so the encoder's LRU cache never answers).
 Every level is bounded in requests and in seconds; any non-200 answer or client error counts as an
 error and the run exits 1.
@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # serve/app.py and, in a bare checkout, the package
 
 LEVELS = (1, 8, 32)
 WORDS = (
@@ -114,8 +112,8 @@ def measure(index: str, port: int, batch: int, levels: tuple[int, ...], max_requ
             offset: int) -> tuple[dict, dict]:
     from ray import serve
 
-    from carlos_ray.service import ServeArgs
-    from serve.app import build_app
+    from carlos_ray.serving import ServeArgs
+    from carlos_ray.serving.app import build_app
 
     args = ServeArgs(index=index, max_batch_size=batch, encoder_num_cpus=1.0, ranker_num_cpus=0.25, ingress_num_cpus=0.25)
     serve.run(build_app(args), name="bench", route_prefix="/", blocking=False)
@@ -171,7 +169,7 @@ def main() -> int:
         ray.shutdown()
         from carlos_ray.store import Index
 
-        out["loras"] = Index(index).read_manifest()["counts"]["signatures"]
+        out["loras"] = Index(index).read_manifest().counts["signatures"]
         tmp.cleanup()
     batched = out["configs"]["batched"]["per_concurrency"]
     out["per_concurrency"] = batched  # the headline: the app as configured by default

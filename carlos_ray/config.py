@@ -19,8 +19,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 DType = Literal["float32", "float16", "bfloat16"]
 
 
@@ -205,8 +203,10 @@ class Config(StrictModel):
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
         """Load a YAML config (safe loader); errors name the file and the offending key."""
-        p = resolve_path(path)
-        if not p.is_file():
+        from carlos_ray.paths import find_conf_file
+
+        p = find_conf_file(path)
+        if p is None:
             raise ConfigError(f"config file not found: {path}")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
@@ -262,15 +262,6 @@ def format_validation_error(e: ValidationError) -> str:
         else:
             parts.append(f"`{loc}`: {err['msg']} (got {err.get('input')!r})")
     return "; ".join(parts)
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A path as given if it exists, else relative to the repository root (where `conf/` lives)."""
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
 
 
 def config_schema_markdown() -> str:

@@ -74,15 +74,15 @@ def _check_target(index: Index, config_hash: str, force: bool) -> bool:
             logger.warning("replacing the unreadable index at %s (--force): %s", index.uri, e)
             return True
         raise IndexError_(f"{e}; pass force=True (--force) to replace it") from None
-    if existing.get("config_hash") == config_hash:
+    if existing.config_hash == config_hash:
         return False  # same reference: the import is idempotent (rows already present are skipped)
     if not force:
         raise IndexError_(
-            f"index {index.uri} holds another configuration ({existing.get('config_name') or 'unnamed'}, config hash "
-            f"{existing.get('config_hash')}, {existing.get('counts', {}).get('signatures', 0)} signatures); "
+            f"index {index.uri} holds another configuration ({existing.config_name or 'unnamed'}, config hash "
+            f"{existing.config_hash}, {existing.counts.get('signatures', 0)} signatures); "
             f"the reference has config hash {config_hash}. Use another --index directory, or --force to replace it"
         )
-    logger.warning("replacing index %s (config hash %s) with the reference (--force)", index.uri, existing.get("config_hash"))
+    logger.warning("replacing index %s (config hash %s) with the reference (--force)", index.uri, existing.config_hash)
     return True
 
 
@@ -131,10 +131,10 @@ def import_reference(path: str | Path, index_uri: str, *, force: bool = False) -
         "rows": table.num_rows,
         "added": added,
         "skipped": table.num_rows - added,
-        "signatures": manifest["counts"]["signatures"],
+        "signatures": manifest.counts["signatures"],
         "config_hash": fields["config_hash"],
-        "thresholds": manifest["thresholds"],
-        "version": manifest["version"],
+        "thresholds": manifest.thresholds,
+        "version": manifest.version,
         "replaced": replace,
     }
     logger.info("imported %d reference signatures into %s (%d new)", table.num_rows, index_uri, added)

@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
+from carlos_ray.paths import resolve_conf_path
+
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FULL_SUBSET = "full"
 _CATEGORY_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _TOP_LEVEL_KEYS = ("name", "version", "categories", "subsets")
@@ -146,18 +147,6 @@ class PromptSet:
         prompts = tuple(p for p in self.prompts if p.id in keep)
         subsets = {k: v for k, v in self.subsets.items() if set(v) <= keep}
         return PromptSet(name=f"{self.name}/{label}", prompts=prompts, version=self.version, subsets=subsets)
-
-
-def resolve_conf_path(path: str | Path) -> Path:
-    """``path`` as given if it is a file, else relative to the repo root, else to ``<repo>/conf``."""
-    given = Path(path).expanduser()
-    candidates = [given]
-    if not given.is_absolute():
-        candidates += [REPO_ROOT / given, REPO_ROOT / "conf" / given]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"config file {str(path)!r} not found; tried: {[str(c) for c in candidates]}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

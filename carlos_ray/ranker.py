@@ -36,6 +36,15 @@ from collections import Counter
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+
+from carlos_ray.thresholds import (  # noqa: F401 (the paper constants and calibration are re-exported)
+    PAPER_KEEP_CONSISTENCY,
+    PAPER_KEEP_STRENGTH,
+    PAPER_MAX_STRENGTH,
+    PAPER_MIN_CONSISTENCY,
+    calibrate_thresholds,
+    resolve_thresholds,
+)
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -51,12 +60,6 @@ _MAXIMA_BLOCK = 64  # rows per block when bounding the k-th largest approximate 
 _MAXIMA_MIN_ROWS = 65_536  # below this np.partition on all scores is cheap enough
 _SLACK = 1e-6  # covers float32 evaluation of a_i (|a| <= ~1.1, 3 roundings) and float64 rescoring
 
-# The paper's thresholds (ViT-B/32 raw features) and the fraction of the 740 published reference
-# LoRAs each one keeps: strength <= 9.8 keeps 719 of 740, consistency >= 0.041 keeps 536 of 740.
-PAPER_MAX_STRENGTH = 9.8
-PAPER_MIN_CONSISTENCY = 0.041
-PAPER_KEEP_STRENGTH = 719 / 740
-PAPER_KEEP_CONSISTENCY = 536 / 740
 
 
 class UnknownLora(KeyError):
@@ -301,9 +304,10 @@ class Ranker:
     def _thresholds(
         self, max_strength: float | None, min_consistency: float | None
     ) -> tuple[float | None, float | None]:
-        max_s = _check_threshold("max_strength", max_strength)
-        min_c = _check_threshold("min_consistency", min_consistency)
-        return (self.max_strength if max_s is None else max_s, self.min_consistency if min_c is None else min_c)
+        t = resolve_thresholds(_check_threshold("max_strength", max_strength),
+                               _check_threshold("min_consistency", min_consistency),
+                               stored={"max_strength": self.max_strength, "min_consistency": self.min_consistency})
+        return t.max_strength, t.min_consistency
 
     def _bad_mask(self, min_consistency: float) -> np.ndarray:
         """Rows (in sorted order) failing ``consistency >= min_consistency``; cached per threshold."""
@@ -393,34 +397,3 @@ class Ranker:
             )
             for p, s in zip(best_pos.tolist(), best_score.tolist())
         ]
-
-
-def calibrate_thresholds(strength: Any, consistency: Any) -> dict[str, Any]:
-    """Thresholds for a new index that keep the same fractions the paper's thresholds keep.
-
-    Rule: the paper's ``max_strength = 9.8`` keeps 719/740 (97.2%) of the published reference
-    LoRAs and ``min_consistency = 0.041`` keeps 536/740 (72.4%). On a new index (other encoder,
-    generator or prompt set, where the feature scale differs) we keep the same fractions:
-    ``max_strength`` is the smallest observed strength ``t`` with ``#(strength <= t) >= f_s n``,
-    ``min_consistency`` the largest observed consistency ``t`` with ``#(consistency >= t) >= f_c n``
-    (order statistics, so on the reference itself they keep exactly 719 and 536 LoRAs).
-    Non-finite values are ignored; raises ``ValueError`` if nothing finite is left.
-    """
-    result: dict[str, Any] = {}
-    for key, values, keep in (
-        ("max_strength", strength, PAPER_KEEP_STRENGTH),
-        ("min_consistency", consistency, PAPER_KEEP_CONSISTENCY),
-    ):
-        arr = np.asarray(values, dtype=np.float64).ravel()
-        arr = np.sort(arr[np.isfinite(arr)])
-        if arr.size == 0:
-            raise ValueError(f"cannot calibrate {key}: no finite values among {np.size(values)} given")
-        count = math.ceil(keep * arr.size - 1e-9)  # rows to keep, at least 1
-        count = min(max(count, 1), arr.size)
-        result[key] = float(arr[count - 1] if key == "max_strength" else arr[arr.size - count])
-    result["source"] = "calibrated"
-    result["rule"] = (
-        f"keep the paper's fractions of the reference LoRAs: strength <= the {PAPER_KEEP_STRENGTH:.4f} "
-        f"order-statistic quantile, consistency >= the {1 - PAPER_KEEP_CONSISTENCY:.4f} one"
-    )
-    return result

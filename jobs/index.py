@@ -2,12 +2,9 @@
 
 Thin: parses arguments and calls the library (carlos_ray.indexing.run_index)."""
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from carlos_ray.cli import main  # noqa: E402
+from carlos_ray.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["index", *sys.argv[1:]]))

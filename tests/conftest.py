@@ -26,6 +26,18 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for the module (tiny models: thread hand-off costs more than it gains on a shared
+    2-core machine, and the actors of conf/tiny.yaml use one thread too, so images compare bit for bit)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from carlos_ray.config import Config

@@ -100,6 +100,18 @@ def test_bench_index_quick(tmp_path):
     assert result["ratio_vs_loop"] > 0 and 0 < result["generate_busy_fraction"] <= 1.5
 
 
+def test_bench_commit_quick(tmp_path):
+    out = tmp_path / "commit.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_commit.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    store, reread = data["results"]
+    assert (store["mode"], store["n"], reread["mode"], reread["n"]) == ("store", 300, "reread", 150)
+    assert store["parts_at_end"] < 300 and reread["parts_at_end"] == 150  # merged vs one part per commit
+    assert {"first100_ms", "last100_ms", "ratio", "total_s"} <= set(store) and "ok" in data
+
+
 @pytest.mark.slow
 def test_bench_adaptive_quick(tmp_path):
     out = tmp_path / "adaptive.json"

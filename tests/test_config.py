@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from carlos_ray.config import (
-    REPO_ROOT,
     Config,
     ConfigError,
     EncoderSpec,
@@ -14,6 +13,7 @@ from carlos_ray.config import (
     SamplingSpec,
     config_schema_markdown,
 )
+from carlos_ray.paths import REPO_ROOT
 from carlos_ray.models import create_encoder, create_generator, list_encoders, list_generators
 
 PROMPT_HASH = "p" * 16

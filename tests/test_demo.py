@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from carlos_ray.cli import main
 from carlos_ray.store import Index
+
+GOLDEN_DEMO = Path(__file__).resolve().parent / "golden" / "demo_output.txt"
+
+
+def _rankings(text: str) -> str:
+    """The demo's query and more-like-this tables (steps 3 and 4), as printed."""
+    return text.split("[3/5]")[1].split("[5/5]")[0].strip()
 
 
 def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
@@ -13,10 +22,12 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
         assert step in out
     assert "pickle" in out and "wrong_base" in out  # rejects printed with their reasons
     snap = Index(str(tmp_path / "demo" / "index")).snapshot()
-    assert snap.manifest["counts"]["signatures"] == 12
+    assert snap.manifest.counts["signatures"] == 12
     assert snap.rejects().num_rows == 22
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
     # more-like-this: the planted near-duplicate leads
     section = out.split("[4/5]")[1].split("[5/5]")[0]
     first_row = [line for line in section.splitlines() if line.startswith("1 ")][0]
     assert "Twin B" in first_row
+    # the same rankings as recorded before the upper floors were rebuilt (issue 11)
+    assert _rankings(out) == _rankings(GOLDEN_DEMO.read_text())

@@ -16,11 +16,7 @@ S = [3, 4]
 
 
 @pytest.fixture(scope="module")
-def reference(zoo_dir):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def reference(zoo_dir, one_torch_thread):
     g = create_generator(GeneratorSpec(), 32)
     out = {}
     for name in ("twin_a", "erratic"):
@@ -28,8 +24,7 @@ def reference(zoo_dir):
         out[name] = g.generate(P, S)[0]
     g.activate(None)
     out["base"] = g.generate(P, S)[0]
-    yield out
-    torch.set_num_threads(threads)
+    return out
 
 
 def test_hotswap_matches_regular_loading(reference, zoo_dir):

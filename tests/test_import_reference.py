@@ -32,7 +32,7 @@ def _bits(table: pa.Table) -> np.ndarray:
 
 def test_imports_740_rows_with_metadata(imported, source_table):
     manifest, table, summary = imported
-    assert table.num_rows == 740 == summary["rows"] == summary["added"] == manifest["counts"]["signatures"]
+    assert table.num_rows == 740 == summary["rows"] == summary["added"] == manifest.counts["signatures"]
     assert summary["skipped"] == 0 and not summary["replaced"]
     versions = source_table["version_id"].to_pylist()
     by_id = {lid: i for i, lid in enumerate(table["lora_id"].to_pylist())}
@@ -63,22 +63,22 @@ def test_directions_are_bitwise_equal_to_the_source(imported, source_table):
 
 def test_manifest_fields(imported, reference_wheel):
     manifest, _, summary = imported
-    assert manifest["schema_version"] == SCHEMA_VERSION
-    assert manifest["encoder"] == {"arch": "ViT-B-32", "pretrained": "openai"}
-    assert manifest["generator"] == {"model": "stabilityai/stable-diffusion-xl-base-1.0"}
-    assert manifest["thresholds"] == {"max_strength": 9.8, "min_consistency": 0.041, "source": "paper"}
-    assert manifest["has_base_cache"] is False and manifest["base"] == {} and manifest["base_key"] is None
-    assert manifest["config_hash"] == reference_config_hash() == summary["config_hash"]
-    assert manifest["parts"]["thumbs"] == [] and manifest["parts"]["rejects"] == []
-    assert manifest["imported_from"]["path"] == str(Path(reference_wheel).resolve())
+    assert manifest.schema_version == SCHEMA_VERSION
+    assert manifest.encoder == {"arch": "ViT-B-32", "pretrained": "openai"}
+    assert manifest.generator == {"model": "stabilityai/stable-diffusion-xl-base-1.0"}
+    assert manifest.thresholds == {"max_strength": 9.8, "min_consistency": 0.041, "source": "paper"}
+    assert manifest.has_base_cache is False and manifest.base == {} and manifest.base_key is None
+    assert manifest.config_hash == reference_config_hash() == summary["config_hash"]
+    assert manifest.parts["thumbs"] == [] and manifest.parts["rejects"] == []
+    assert manifest.imported_from["path"] == str(Path(reference_wheel).resolve())
     import hashlib
 
-    assert manifest["imported_from"]["sha256"] == hashlib.sha256(Path(reference_wheel).read_bytes()).hexdigest()
+    assert manifest.imported_from["sha256"] == hashlib.sha256(Path(reference_wheel).read_bytes()).hexdigest()
 
 
 def test_ranker_similar_on_the_imported_index(reference_index):
     snap = Index(reference_index["index"]).snapshot()
-    table, th = snap.signatures(), snap.manifest["thresholds"]
+    table, th = snap.signatures(), snap.manifest.thresholds
     ranker = Ranker.from_table(table, max_strength=th["max_strength"], min_consistency=th["min_consistency"])
     d = np.asarray(table["direction"].to_pylist())
     s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
@@ -142,7 +142,7 @@ def _other_index(path: Path) -> dict:
 def test_refuses_another_config_unless_forced(reference_wheel, tmp_path, capsys):
     idx = tmp_path / "idx"
     before = _other_index(idx)
-    old_parts = [idx / p for p in before["parts"]["signatures"]]
+    old_parts = [idx / p for p in before.parts["signatures"]]
     with pytest.raises(IndexError_, match="another configuration.*--force"):
         import_reference(reference_wheel, str(idx))
     assert main(["import-reference", str(reference_wheel), "--index", str(idx)]) == 2
@@ -153,8 +153,8 @@ def test_refuses_another_config_unless_forced(reference_wheel, tmp_path, capsys)
     assert "740 new" in capsys.readouterr().out
     snap = Index(str(idx)).snapshot()
     assert snap.signatures().num_rows == 740 and "x" not in snap.indexed_ids()
-    assert snap.manifest["config_hash"] == reference_config_hash()
-    assert snap.manifest["version"] > before["version"]
+    assert snap.manifest.config_hash == reference_config_hash()
+    assert snap.manifest.version > before.version
     assert not any(p.exists() for p in old_parts)  # the replaced index's parts are collected
     assert not (idx / ".writer.lock").exists()
 

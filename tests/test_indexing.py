@@ -74,18 +74,18 @@ def test_hostile_files_rejected_rest_indexed(built_index):
 def test_manifest_and_tables(built_index, tiny_config):
     snap = Index(built_index["index"]).snapshot()
     m = snap.manifest
-    assert m["counts"]["signatures"] == 10
-    assert m["seeds"] == tiny_config.sampling.seeds
-    assert m["generator"]["model"] == "tiny" and m["encoder"]["arch"] == "tiny"
-    assert m["base_key"] in m["base"]
-    base = snap.base(m["base_key"])
-    assert base.num_rows == len(m["prompt_set"]["ids"]) * len(m["seeds"])
+    assert m.counts["signatures"] == 10
+    assert m.seeds == tiny_config.sampling.seeds
+    assert m.generator["model"] == "tiny" and m.encoder["arch"] == "tiny"
+    assert m.base_key in m.base
+    base = snap.base(m.base_key)
+    assert base.num_rows == len(m.prompt_set["ids"]) * len(m.seeds)
     thumbs = snap.table("thumbs")
     assert thumbs is not None and thumbs.num_rows > 0
     assert thumbs.column("png")[0].as_py()[:8] == b"\x89PNG\r\n\x1a\n"
     sig = snap.signatures()
     assert len(set(sig.column("lora_id").to_pylist())) == sig.num_rows
-    assert set(m["thresholds"]) >= {"max_strength", "min_consistency", "source"}
+    assert set(m.thresholds) >= {"max_strength", "min_consistency", "source"}
 
 
 def test_other_config_refuses_same_index(built_index, tiny_config):

@@ -25,12 +25,7 @@ PROMPTS = ["a red cube on a wooden table", "portrait of an old sailor, oil paint
 SEEDS = [42, 7, 123456]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

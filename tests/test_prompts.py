@@ -12,13 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carlos_ray.prompts import (
-    REPO_ROOT,
     Prompt,
     PromptSet,
     PromptSetError,
     load_prompt_set,
-    resolve_conf_path,
 )
+from carlos_ray.paths import REPO_ROOT, resolve_conf_path
 
 INDEX = "conf/prompts/index_prompts.yaml"
 CONTEXT = "conf/prompts/context_prompts.yaml"

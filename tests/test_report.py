@@ -16,15 +16,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from carlos_ray.cli import main
-from carlos_ray.report import (
-    Thresholds,
-    build_report,
-    draw_grid,
-    near_duplicate_groups,
-    quadrant_labels,
-    resolve_thresholds,
-)
+from carlos_ray.report import build_report, draw_grid, near_duplicate_groups, quadrant_labels
 from carlos_ray.schema import conform_signatures
+from carlos_ray.thresholds import Thresholds, resolve_thresholds
 from carlos_ray.store import Index, png_bytes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -100,7 +94,7 @@ def test_signatures_csv_matches_the_index(which, request):
     assert [r["lora_id"] for r in rows] == table["lora_id"].to_pylist()
     assert [float(r["strength"]) for r in rows] == table["strength"].to_pylist()
     # quadrants against an independent computation from the manifest thresholds
-    th = snap.manifest["thresholds"]
+    th = snap.manifest.thresholds
     s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
     strong, directed = s > th["max_strength"], c >= th["min_consistency"]
     expected = np.select([strong & directed, strong, directed], ["overpowering", "chaotic", "focused"], "erratic")
@@ -216,11 +210,14 @@ def test_quadrants_and_thresholds_edge_cases():
     assert quadrant_labels(s, c, th) == ["focused", "overpowering", "chaotic", "erratic", "undefined", "undefined"]
     assert quadrant_labels(s, c, Thresholds(None, None, "none")) == ["undefined"] * 6
     # no thresholds in the manifest: calibrated; a configured one is kept
-    got = resolve_thresholds({}, np.arange(10.0), np.linspace(0, 1, 10))
+    got = resolve_thresholds(stored={}, calibrate_from=(np.arange(10.0), np.linspace(0, 1, 10)))
     assert (got.max_strength, got.min_consistency) == (9.0, 2 / 9) and "calibrated" in got.source
-    got = resolve_thresholds({"thresholds": {"max_strength": 3.0, "min_consistency": None, "source": "config"}},
-                             np.arange(10.0), np.linspace(0, 1, 10))  # fmt: skip
+    got = resolve_thresholds(stored={"max_strength": 3.0, "min_consistency": None, "source": "config"},
+                             calibrate_from=(np.arange(10.0), np.linspace(0, 1, 10)))  # fmt: skip
     assert got.max_strength == 3.0 and got.min_consistency == pytest.approx(2 / 9) and "config" in got.source
+    # a request overrides the stored value, which overrides calibration
+    got = resolve_thresholds(2.0, None, stored={"max_strength": 3.0, "min_consistency": 0.5, "source": "config"})
+    assert (got.max_strength, got.min_consistency, got.source) == (2.0, 0.5, "request")
 
 
 def _index_of(path: Path, rows: list[dict], thresholds: dict | None = None) -> str:

@@ -19,7 +19,8 @@ import requests
 
 from carlos_ray.cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, main
 from carlos_ray.config import EncoderSpec
-from carlos_ray.service import encoder_unavailable_reason, load_query_encoder, load_ranker
+from carlos_ray.models.encoder import encoder_unavailable_reason
+from carlos_ray.serving import load_query_encoder, load_ranker
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("carlos-ray")

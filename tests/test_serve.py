@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from carlos_ray.config import EncoderSpec
-from carlos_ray.service import ServeArgs, encoder_unavailable_reason, load_query_encoder, load_ranker
+from carlos_ray.models.encoder import encoder_unavailable_reason
+from carlos_ray.serving import ServeArgs, load_query_encoder, load_ranker
 from carlos_ray.store import Index
 
 TOKEN_ENV = "CARLOS_RAY_TEST_SERVE_TOKEN"
@@ -46,7 +47,7 @@ def free_port() -> int:
 def env(ray_session, built_index, tmp_path_factory):
     from ray import serve
 
-    from serve.app import build_app
+    from carlos_ray.serving.app import build_app
 
     root = tmp_path_factory.mktemp("serve")
     idx, ref = root / "idx", root / "ref"
@@ -329,7 +330,7 @@ def test_request_size_limits_are_enforced(env):
 
 
 def test_binds_localhost_and_reload_needs_a_token(env):
-    from carlos_ray.service import ServeArgs
+    from carlos_ray.serving import ServeArgs
 
     assert ServeArgs(index="x").host == "127.0.0.1"
     import yaml

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import threading
 
@@ -31,11 +32,11 @@ def test_commit_appends_and_drops_already_indexed(index):
     m = index.commit({"signatures": _sig(["b", "c", "c"], strength=2.0)})
     ids = index.snapshot().signatures().column("lora_id").to_pylist()
     assert sorted(ids) == ["a", "b", "c"]
-    assert m["counts"]["signatures"] == 3 and m["version"] == 2
+    assert m.counts["signatures"] == 3 and m.version == 2
     # all rows already there: nothing written, no crash
-    before = index.read_manifest()["parts"]["signatures"]
+    before = index.read_manifest().parts["signatures"]
     index.commit({"signatures": _sig(["a"])})
-    assert index.read_manifest()["parts"]["signatures"] == before
+    assert index.read_manifest().parts["signatures"] == before
 
 
 def test_other_config_refused(index):
@@ -62,7 +63,7 @@ def test_reader_never_sees_a_partial_commit(index, monkeypatch):
     assert index.collect_garbage(retention_s=0) == 2
     index.commit({"signatures": _sig(["b"])})
     m = index.compact(retention_s=0)
-    assert m["counts"]["parts"] == 1
+    assert m.counts["parts"] == 1
     assert sorted(index.snapshot().signatures().column("lora_id").to_pylist()) == ["a", "b"]
     files = [f for _, _, fs in os.walk(os.path.join(index.root, "data")) for f in fs]
     assert len(files) == 1
@@ -79,7 +80,7 @@ def test_concurrent_readers_see_whole_versions(index):
                 t = snap.signatures()
                 n = 0 if t is None else t.num_rows
                 # each commit adds exactly 3 rows: a partial view would show another count
-                assert n == 3 * snap.manifest["version"], (n, snap.manifest["version"])
+                assert n == 3 * snap.manifest.version, (n, snap.manifest.version)
                 seen.add(n)
             except Exception as e:  # noqa: BLE001 - collected and asserted below
                 errors.append(e)
@@ -160,9 +161,9 @@ def _state(uri: str) -> dict:
     snap = Index(uri).snapshot()
     m = snap.manifest
     sig = snap.signatures()
-    return {"version": m["version"], "ids": sorted(sig.column("lora_id").to_pylist()) if sig is not None else [],
-            "rejects": snap.rejects().column("path").to_pylist(), "base": sorted(m.get("base", {})),
-            "note": m.get("note"), "counts": m["counts"]}
+    return {"version": m.version, "ids": sorted(sig.column("lora_id").to_pylist()) if sig is not None else [],
+            "rejects": snap.rejects().column("path").to_pylist(), "base": sorted(m.base),
+            "note": m.config_name, "counts": m.counts}
 
 
 def _base_table():
@@ -180,11 +181,11 @@ def test_a_write_interrupted_at_any_step_leaves_the_previous_index(index, monkey
         try:
             if operation == "commit":
                 index.commit({"signatures": _sig(["c"]), "rejects": rejects_table([{"path": "x", "code": "c", "reason": "r"}], "abc")},
-                             base=("k2", _base_table()), fields={"note": "new"})
+                             base=("k2", _base_table()), fields={"config_name": "new"})
             elif operation == "compact":
                 index.compact(retention_s=0)
             else:
-                index.replace({"config_hash": "abc", "note": "new"}, {"signatures": _sig(["z"])})
+                index.replace({"config_hash": "abc", "config_name": "new"}, {"signatures": _sig(["z"])})
             failed = False
         except OSError as e:
             assert "injected failure" in str(e)
@@ -211,7 +212,7 @@ def test_a_write_interrupted_at_any_step_leaves_the_previous_index(index, monkey
         assert after["base"] == ["k1", "k2"] and after["rejects"] == ["x"] and after["note"] == "new"
     # the leftovers of the interrupted attempts are garbage, removed once past the retention
     index.collect_garbage(retention_s=0)
-    live = {p for ps in index.read_manifest()["parts"].values() for p in ps} | set(index.read_manifest()["base"].values())
+    live = {p for ps in index.read_manifest().parts.values() for p in ps} | set(index.read_manifest().base.values())
     on_disk = {os.path.relpath(os.path.join(d, f), index.root) for d, _, fs in os.walk(os.path.join(index.root, "data"))
                for f in fs}
     assert on_disk == live
@@ -225,7 +226,33 @@ def test_a_reader_of_the_previous_version_survives_compaction(index):
     index.compact()  # ... then a writer compacted: the old parts are retired, not deleted
     assert sorted(old.signatures().column("lora_id").to_pylist()) == ["id0", "id1", "id2"]
     m = index.read_manifest()
-    assert len(m["retired"]) == 3 and m["counts"]["parts"] == 1
+    assert len(m.retired) == 3 and m.counts["parts"] == 1
     assert index.collect_garbage() == 0  # within the retention
     assert index.collect_garbage(retention_s=0) == 3
     assert sorted(Index(index.uri).snapshot().signatures().column("lora_id").to_pylist()) == ["id0", "id1", "id2"]
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda m: m.update(shards=[]), "unknown key `shards`"),
+    (lambda m: m.pop("version"), "`version`: Field required"),
+    (lambda m: m.update(counts={"signatures": "many"}), "`counts.signatures`"),
+])
+def test_a_manifest_with_an_unknown_or_missing_key_is_an_error_naming_it(tmp_path, change, needle):
+    ix = Index(str(tmp_path / "idx"))
+    ix.init({"config_hash": "abc"})
+    path = tmp_path / "idx" / "manifest.json"
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(IndexError_, match=re.escape(needle)):
+        ix.read_manifest()
+    with pytest.raises(IndexError_, match=re.escape(needle)):
+        Index(str(tmp_path / "idx")).snapshot()
+
+
+def test_a_manifest_update_naming_no_field_is_refused(tmp_path):
+    ix = Index(str(tmp_path / "idx"))
+    ix.init({"config_hash": "abc"})
+    with pytest.raises(ValueError, match="unknown key `colour`"):
+        ix.commit(fields={"colour": "red"})
+    assert ix.read_manifest().version == 0  # nothing was written

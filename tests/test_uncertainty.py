@@ -172,18 +172,21 @@ def test_estimates_are_shown_with_their_95_percent_half_width():
     assert format_estimate(None, 0.1) == "" and format_estimate(math.nan, 0.1) == "NaN"
 
 
-def test_the_lora_endpoint_states_the_intervals_of_the_stored_errors():
+def test_the_lora_endpoint_states_the_intervals_of_the_stored_errors(tmp_path):
     import pyarrow as pa
 
     from carlos_ray.ranker import Ranker
     from carlos_ray.schema import SIGNATURE_SCHEMA, conform_signatures
-    from carlos_ray.service import FixedIndex, RankerService
+    from carlos_ray.serving import FixedIndex, RankerService
+    from carlos_ray.store import Index
 
     rows = [{"lora_id": "a", "name": "A", "direction": [1.0, 0.0], "strength": 4.1234, "consistency": 0.5, "n": 140,
              "strength_se": 0.1, "consistency_se": 0.01, "direction_rse": 0.05, "n_rounds": 2},
             {"lora_id": "b", "name": "B", "direction": [0.0, 1.0], "strength": 1.0, "consistency": 0.2}]  # no errors
     table = conform_signatures(pa.Table.from_pylist(rows, schema=SIGNATURE_SCHEMA))
-    service = RankerService(FixedIndex(Ranker.from_table(table), {"version": 1}))
+    index = Index(str(tmp_path / "idx"))
+    index.init({"config_hash": "h"})
+    service = RankerService(FixedIndex(Ranker.from_table(table), index.read_manifest()))
     a = service.get("a")
     assert a["signature"]["strength_se"] == 0.1 and a["signature"]["n"] == 140
     assert a["intervals"]["strength"] == "4.12 ± 0.20" and a["intervals"]["consistency"] == "0.500 ± 0.020"

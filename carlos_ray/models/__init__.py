@@ -38,11 +38,12 @@ def create_encoder(spec: EncoderSpec):
 
 
 def encoder_image_size(spec: EncoderSpec) -> int:
-    """Input size of an encoder without building it (tiny config, or open_clip's model config)."""
-    if spec.arch == "tiny":
-        from carlos_ray.models.generator import load_model_config
+    """Input size of an encoder without building it (an embedded model's config, or open_clip's model config)."""
+    from carlos_ray.models.registry import embedded_encoder
 
-        return int(load_model_config("tiny_clip.json")["vision_cfg"]["image_size"])
+    embedded = embedded_encoder(spec.arch)
+    if embedded is not None:
+        return embedded.image_size()
     import open_clip
 
     cfg = open_clip.get_model_config(spec.arch)

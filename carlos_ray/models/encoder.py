@@ -6,25 +6,19 @@ nothing here normalizes features.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from carlos_ray.config import EncoderSpec
-from carlos_ray.models.generator import TORCH_DTYPES, load_model_config
+from carlos_ray.models.registry import EMBEDDED_ENCODERS, TORCH_DTYPES, embedded_encoder
 
 logger = logging.getLogger(__name__)
-
-
-def build_tiny_clip(seed: int = 0):
-    import open_clip
-
-    cfg = load_model_config("tiny_clip.json")
-    torch.manual_seed(seed)
-    return open_clip.model.CLIP(**cfg)
 
 
 def build_open_clip(spec: EncoderSpec):
@@ -32,7 +26,8 @@ def build_open_clip(spec: EncoderSpec):
     import open_clip
 
     if spec.arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {spec.arch!r}; valid: tiny, " + ", ".join(open_clip.list_models()))
+        valid = sorted(EMBEDDED_ENCODERS) + list(open_clip.list_models())
+        raise ValueError(f"unknown open_clip architecture {spec.arch!r}; valid: " + ", ".join(valid))
     pretrained = spec.pretrained
     if pretrained is not None and Path(pretrained).expanduser().exists():
         path = Path(pretrained).expanduser()
@@ -66,9 +61,10 @@ class OpenClipEncoder:
         self.spec = spec
         self.device = torch.device(spec.device)
         self.dtype = TORCH_DTYPES[spec.dtype]
-        if spec.arch == "tiny":
-            model = build_tiny_clip(spec.seed)
-            self.tokenizer = open_clip.tokenizer.SimpleTokenizer()
+        embedded = embedded_encoder(spec.arch)
+        if embedded is not None:
+            model = embedded.model(spec)
+            self.tokenizer = embedded.tokenizer()
         else:
             model = build_open_clip(spec)
             self.tokenizer = open_clip.get_tokenizer(spec.arch)
@@ -112,3 +108,65 @@ class OpenClipEncoder:
 
 def encoder_registry() -> Mapping[str, type]:
     return {"open_clip": OpenClipEncoder}
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Make huggingface_hub refuse network access (it reads the flag at import time, so set both)."""
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hc
+
+        old_const = hc.HF_HUB_OFFLINE
+        hc.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover
+        hc = None
+    try:
+        yield
+    finally:
+        if hc is not None:
+            hc.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def encoder_unavailable_reason(spec: EncoderSpec, allow_download: bool = False) -> str | None:
+    """Why the encoder's weights cannot be loaded here without a download, or None if they can.
+
+    Embedded models and local files are checked directly; a pretrained tag is asked of open_clip's own
+    pretrained registry and resolved by open_clip itself with the Hugging Face hub set offline, so the file it
+    would load is the one checked. Never touches the network."""
+    if embedded_encoder(spec.arch) is not None or spec.pretrained is None:
+        return None
+    local = Path(spec.pretrained).expanduser()
+    if local.exists():
+        return None if local.suffix == ".safetensors" else f"encoder checkpoint {local.name} is not a .safetensors file"
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
+    if spec.arch not in open_clip.list_models():
+        return f"unknown open_clip architecture {spec.arch!r}"
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        return f"encoder.pretrained {spec.pretrained!r} is neither a local file nor an open_clip tag of {spec.arch} (tags: {tags})"
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return (f"encoder weights {spec.arch}/{spec.pretrained} are only published as a pickle checkpoint, which carlos-ray "
+                "does not load; point encoder.pretrained to a local .safetensors file")
+    if allow_download:
+        return None
+    try:
+        with hub_offline():
+            path = str(download_pretrained(cfg, prefer_hf_hub=True) or "")
+    except Exception:  # noqa: BLE001 - open_clip raises FileNotFoundError; the hub its own offline errors
+        path = ""
+    if path.endswith(".safetensors"):
+        return None
+    found = f" (only the pickle {Path(path).name} is cached)" if path else ""
+    return (f"encoder weights {spec.arch}/{spec.pretrained} are not on this machine: open_clip finds no safetensors "
+            f"file of {hub.rstrip('/')} in the Hugging Face cache{found}, and downloads are off; fetch them first or "
+            "allow downloads (`--allow-download`, or serve arg allow_download: true)")

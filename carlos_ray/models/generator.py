@@ -9,11 +9,9 @@ arrays leave the generation actor.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 from collections import OrderedDict
-from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,49 +19,26 @@ import numpy as np
 import torch
 
 from carlos_ray.config import GeneratorSpec
+from carlos_ray.models.registry import (  # noqa: F401 (TORCH_DTYPES and load_model_config are re-exported)
+    TORCH_DTYPES,
+    embedded_generator,
+    load_model_config,
+)
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def load_model_config(name: str) -> dict:
-    return json.loads((resources.files("carlos_ray.models") / "configs" / name).read_text())
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0):
-    """A real StableDiffusionXLPipeline at tiny size, seeded random weights, no download."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """The embedded `tiny` SDXL pipeline (real classes, seeded random weights, no download)."""
+    from carlos_ray.models.registry import EMBEDDED_GENERATORS
 
-    from carlos_ray.models.tokenizer import build_clip_tokenizer
-
-    cfg = load_model_config("tiny_sdxl.json")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**cfg["vae"])
-    te_cfg = CLIPTextConfig(**cfg["text_encoder"])
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(te_cfg)
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(te_cfg)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=build_clip_tokenizer(pad_token="<|endoftext|>"),
-        tokenizer_2=build_clip_tokenizer(pad_token="!"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return EMBEDDED_GENERATORS["tiny"].pipeline(GeneratorSpec(model="tiny", seed=seed))
 
 
 def load_pretrained_sdxl_pipeline(spec: GeneratorSpec):
     """SDXL from a hub id or a local directory (safetensors weights only)."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     src = spec.model
     if Path(src).expanduser().exists():
@@ -89,12 +64,8 @@ class SDXLGenerator:
         self.spec = spec
         self.output_size = int(output_size)
         self.device = torch.device(spec.device)
-        if spec.model == "tiny":
-            pipe = build_tiny_sdxl_pipeline(spec.seed)
-            pipe.to(dtype=TORCH_DTYPES[spec.dtype])
-            pipe.vae.to(TORCH_DTYPES[spec.vae_dtype])
-        else:
-            pipe = load_pretrained_sdxl_pipeline(spec)
+        embedded = embedded_generator(spec.model)
+        pipe = embedded.pipeline(spec) if embedded is not None else load_pretrained_sdxl_pipeline(spec)
         self.pipe = pipe.to(self.device)
         self._adapters: OrderedDict[str, None] = OrderedDict()
         self._active: str | None = None
@@ -246,9 +217,9 @@ def _generator_lora_targets(model: str, variant: str | None) -> dict[str, dict[s
 
     from carlos_ray.lora.inspect import targets_from_modules
 
-    if spec.model == "tiny":
-        cfg = load_model_config("tiny_sdxl.json")
-        unet_cfg, te_cfg, te2_cfg = cfg["unet"], CLIPTextConfig(**cfg["text_encoder"]), CLIPTextConfig(**cfg["text_encoder"])
+    embedded = embedded_generator(spec.model)
+    if embedded is not None:
+        unet_cfg, te_cfg, te2_cfg = embedded.module_configs()
     else:
         src = str(Path(spec.model).expanduser()) if Path(spec.model).expanduser().exists() else spec.model
         unet_cfg = UNet2DConditionModel.load_config(src, subfolder="unet")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from carlos_ray.cli import _EXTRA_COMMANDS, EXIT_OK, UsageError
+from carlos_ray.cli.common import EXIT_OK, UsageError
 
 
 def cmd_import_reference(args: argparse.Namespace) -> int:
@@ -38,7 +38,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("import-reference",
                        help="import the published CARLoS signatures (carlos==0.0.3 wheel or metrics_database.parquet)")
     r.add_argument("path", help="the carlos-0.0.3 wheel or its metrics_database.parquet")
@@ -52,6 +52,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-grids", type=int, default=200, help="at most this many base-vs-LoRA image grids")
     p.set_defaults(func=cmd_report)
 
-
-if register not in _EXTRA_COMMANDS:
-    _EXTRA_COMMANDS.append(register)

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from carlos_ray.cli import _EXTRA_COMMANDS, EXIT_OK, EXIT_REJECTED, UsageError, _table
+from carlos_ray.cli.common import EXIT_OK, EXIT_REJECTED, UsageError, table
 
 
 CLI_MAX_K = 10_000
@@ -15,7 +15,7 @@ HIT_COLUMNS = ["rank", "lora_id", "score", "strength", "consistency", "name"]
 
 
 def _load_ranker(index: str):
-    from carlos_ray.service import load_ranker
+    from carlos_ray.serving import load_ranker
     from carlos_ray.store import IndexError_
 
     try:
@@ -36,11 +36,11 @@ def _print_hits(hits: list[dict], header: str, ranker=None) -> None:
              "consistency": format_estimate(h["consistency"], se(h["lora_id"], "consistency_se")),
              "name": (h["name"] or "")[:40]} for h in hits]
     print(header)
-    print(_table(rows, HIT_COLUMNS) if rows else "(no LoRA passes the filters)")
+    print(table(rows, HIT_COLUMNS) if rows else "(no LoRA passes the filters)")
 
 
 def _checked(args: argparse.Namespace) -> tuple[int, float | None, float | None]:
-    from carlos_ray.service import ServiceError, check_k, check_thresholds
+    from carlos_ray.serving import ServiceError, check_k, check_thresholds
 
     try:
         k = check_k(args.k, CLI_MAX_K)
@@ -51,8 +51,8 @@ def _checked(args: argparse.Namespace) -> tuple[int, float | None, float | None]
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from carlos_ray.service import (EncoderUnavailable, FixedIndex, RankerService, SearchResponse, ServiceError,
-                                    check_query, load_query_encoder, query_spec_from_manifest)
+    from carlos_ray.serving import (EncoderUnavailable, FixedIndex, RankerService, SearchResponse, ServiceError,
+                                    check_query, load_query_encoder, query_spec_from_manifest, search_body)
 
     k, ms, mc = _checked(args)
     ranker, manifest = _load_ranker(args.index)
@@ -70,8 +70,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         out = service.search(encoder.encode([text]), k, ms, mc)
     except ServiceError as e:
         raise UsageError(e.detail) from None
-    result = SearchResponse(**{key: out[key] for key in ("k", "max_strength", "min_consistency", "index_version")},
-                            query=text, hits=out["hits"][0])
+    result = SearchResponse(**search_body(out, [text]))
     if args.json:
         print(result.model_dump_json())
     else:
@@ -82,7 +81,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from carlos_ray.service import FixedIndex, RankerService, ServiceError, SimilarResponse
+    from carlos_ray.serving import FixedIndex, RankerService, ServiceError, SimilarResponse
 
     k, ms, mc = _checked(args)
     ranker, manifest = _load_ranker(args.index)
@@ -103,8 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start Ray (or join --address), run the app, block until Ctrl-C, then remove what was started."""
     from pydantic import ValidationError
 
-    from carlos_ray.config import REPO_ROOT, format_validation_error
-    from carlos_ray.service import ServeArgs
+    from carlos_ray.config import format_validation_error
+    from carlos_ray.serving import ServeArgs
     from carlos_ray.store import Index, IndexError_
 
     try:
@@ -116,18 +115,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         Index(sargs.index).read_manifest()
     except IndexError_ as e:
         raise UsageError(str(e)) from None
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # `serve/app.py` lives beside the package, in the repository
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from carlos_ray.serving.app import build_app
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        # Replicas import serve.app too: put the repository on their path whatever the working directory.
-        ray.init(address=args.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
-                 include_dashboard=False, configure_logging=False)
+        ray.init(address=args.address, include_dashboard=False, configure_logging=False)
     started_serve = not _serve_running()
     stop = {"flag": False}
 
@@ -170,8 +165,8 @@ def _serve_running() -> bool:
     return True
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from carlos_ray.service import DEFAULT_MAX_K
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from carlos_ray.serving.args import DEFAULT_MAX_K
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--index", required=True, help="index directory or URI")
@@ -207,6 +202,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--allow-download", action="store_true", help="let the encoder download missing pretrained weights")
     v.set_defaults(func=cmd_serve)
 
-
-if register not in _EXTRA_COMMANDS:
-    _EXTRA_COMMANDS.append(register)

@@ -7,6 +7,7 @@ serve the index and how to run the same on a GPU cluster.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import time
@@ -20,7 +21,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(workdir: Path, config: str = "conf/tiny.yaml") -> int:
-    from carlos_ray.cli import _table
+    from carlos_ray.cli.common import rejects_table, table
     from carlos_ray.config import Config
     from carlos_ray.indexing import run_index
     from carlos_ray.lora.hostile import write_hostile_corpus
@@ -47,28 +48,27 @@ def run_demo(workdir: Path, config: str = "conf/tiny.yaml") -> int:
     _say(f"      indexed {summary.indexed}, rejected {summary.rejected}, duplicates {summary.duplicates}, "
          f"images generated {summary.images_generated}, {summary.wall_seconds:.0f} s")
     _say("      rejected files and why:")
-    _say(_table([{"file": Path(r["path"] or "?").name, "code": r["code"], "reason": (r["reason"] or "")[:90]}
-                 for r in summary.rejects], ["file", "code", "reason"]))
+    _say(rejects_table(summary.rejects, 90))
 
     _say("[3/5] text queries (reciprocal CLIP text-diff vector, ranked by cosine to each LoRA's direction)")
-    from carlos_ray.service import load_query_encoder, load_ranker
+    from carlos_ray.serving import load_query_encoder, load_ranker
 
     ranker, manifest = load_ranker(str(index))
     encoder = load_query_encoder(manifest)
-    th = manifest.get("thresholds", {})
+    th = manifest.thresholds
     _say(f"      default filters ({th.get('source')}): max_strength={th.get('max_strength')}, "
          f"min_consistency={th.get('min_consistency')}")
     for q in DEMO_QUERIES:
         hits = ranker.search(encoder.encode_one(q), k=5)
         _say(f"\n      query: {q!r}")
-        _say(_table([{"rank": i + 1, "name": h.name, "score": f"{h.score:.3f}", "strength": f"{h.strength:.3f}",
+        _say(table([{"rank": i + 1, "name": h.name, "score": f"{h.score:.3f}", "strength": f"{h.strength:.3f}",
                       "consistency": f"{h.consistency:.3f}"} for i, h in enumerate(hits)],
                     ["rank", "name", "score", "strength", "consistency"]))
 
     _say("\n[4/5] more like this: the LoRAs closest in direction to `twin_a` (its near-duplicate should lead)")
     sig = ranker_table_row(ranker, "Twin A")
     hits = ranker.similar(sig, k=4, max_strength=float("inf"), min_consistency=float("-inf"))
-    _say(_table([{"rank": i + 1, "name": h.name, "cosine": f"{h.score:.4f}", "strength": f"{h.strength:.3f}"}
+    _say(table([{"rank": i + 1, "name": h.name, "cosine": f"{h.score:.4f}", "strength": f"{h.strength:.3f}"}
                  for i, h in enumerate(hits)], ["rank", "name", "cosine", "strength"]))
 
     _say(f"\n[5/5] writing the report to {report}")
@@ -92,3 +92,14 @@ def ranker_table_row(ranker, name: str) -> str:
         if ranker.get(lid).get("name") == name:
             return lid
     raise KeyError(f"no LoRA named {name!r} in the index")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(Path(args.workdir), config=args.config)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("demo", help="the whole mission on the embedded tiny default, no network")
+    d.add_argument("--workdir", default="demo_out", help="where the zoo, index and report are written")
+    d.add_argument("--config", default="conf/tiny.yaml")
+    d.set_defaults(func=cmd_demo)
