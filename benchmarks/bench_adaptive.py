@@ -10,7 +10,7 @@ each setting would have cost and how well it agrees — the table the config def
 the projection to the paper's profile (280 prompts x 16 seeds, ~7 A6000 GPU-hours per LoRA).
 
     python benchmarks/bench_adaptive.py [--config conf/micro.yaml] [--loras DIR] [--seeds 16] [--out FILE]
-    python benchmarks/bench_adaptive.py --quick      # tiny profile, synthetic zoo: the code path in minutes
+    python benchmarks/bench_adaptive.py --quick      # tiny profile, 8 synthetic LoRAs, 5 prompts x 8 seeds
 """
 
 from __future__ import annotations
@@ -171,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="profile (default: conf/micro.yaml if its weights exist, else tiny)")
     ap.add_argument("--loras", default=None, help="zoo directory (default: the micro zoo, else a synthetic zoo)")
     ap.add_argument("--zoo-n", type=int, default=16, help="size of the synthetic zoo when no --loras")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds of the full protocol (default: 16, quick: 4)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds of the full protocol (default: 16, quick: 8)")
     ap.add_argument("--prompt-subset", default="__config__", help="prompt subset (default: the config's)")
     ap.add_argument("--heldout", default=None, help="held-out prompt set for the oracle judge (micro)")
     ap.add_argument("--workdir", default=None, help="where the two indexes go (default: a temporary directory)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    ap.add_argument("--quick", action="store_true", help="tiny profile, 8 synthetic LoRAs, 4 seeds")
+    ap.add_argument("--quick", action="store_true", help="tiny profile, 8 synthetic LoRAs, 5 prompts x 8 seeds")
     for name in ("round_fraction", "max_direction_rse", "max_strength_rse", "max_consistency_se"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"sampling.adaptive.{name}")
     ap.add_argument("--min-samples", type=int, default=None, help="sampling.adaptive.min_samples")
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg_path = args.config or ("conf/tiny.yaml" if args.quick else "conf/micro.yaml")
     cfg = Config.from_file(cfg_path)
-    cfg.sampling.num_seeds = args.seeds or (4 if args.quick else 16)
+    cfg.sampling.num_seeds = args.seeds or (8 if args.quick else 16)
     if args.prompt_subset != "__config__":
         cfg.sampling.prompt_subset = args.prompt_subset or None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_adaptive_"))
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ad_cfg.sampling.adaptive.enabled = True
     ad_cfg.indexing.keep_diffs = False
     a = ad_cfg.sampling.adaptive
-    if args.quick:  # 5 prompts x 4 seeds: the code path, with bounds loose enough that some LoRAs stop early
-        a.min_samples, a.max_direction_rse, a.max_strength_rse, a.max_consistency_se = 5, 0.3, 0.1, 0.1
+    if args.quick:  # 5 prompts x 8 seeds: the code path, with bounds loose enough that some LoRAs stop early
+        a.min_samples, a.max_direction_rse, a.max_strength_rse, a.max_consistency_se = 10, 0.3, 0.1, 0.1
     for name in ("round_fraction", "max_direction_rse", "max_strength_rse", "max_consistency_se", "min_samples"):
         if getattr(args, name) is not None:
             setattr(a, name, getattr(args, name))
