@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_serve.py --out bench_results/serve.json
 	$(BIN)/python benchmarks/bench_commit.py --out bench_results/commit.json
 	$(BIN)/python benchmarks/bench_zoo.py --out bench_results/zoo.json
+	$(BIN)/python benchmarks/bench_adaptive.py --out bench_results/adaptive.json
 
 # Retrain the micro world's models (VAE + CLIP in parallel, then UNet + text encoders) into
 # carlos_ray/world/weights/, then measure them against the pixel oracle. CI and `make demo` never run this.

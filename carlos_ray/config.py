@@ -101,6 +101,35 @@ class EncoderSpec(StrictModel):
         return v
 
 
+class AdaptiveSpec(StrictModel):
+    """Adaptive sampling: a LoRA is sampled in rounds and stops once its signature's standard errors are small.
+
+    Defaults come from benchmarks/bench_adaptive.py (see docs/ADAPTIVE.md)."""
+
+    enabled: bool = Field(False, description="Sample each LoRA in rounds and stop when the bounds below hold (or at the "
+                          "full protocol). Off: every LoRA gets all prompts x seeds.")
+    round_fraction: float = Field(
+        0.25, gt=0.0, le=1.0, description="Samples per round as a fraction of |P|, rounded up to a whole number of prompts "
+        "per category; a round is the next stratified prompt subset, one seed each (all prompts get seed 0 first).")
+    min_rounds: int = Field(1, ge=1, le=4096, description="Rounds every LoRA runs before the stopping rule may stop it.")
+    min_samples: int = Field(
+        40, ge=2, description="Samples every LoRA gets before the stopping rule may stop it: the standard errors are "
+        "themselves estimates, too noisy to trust from a handful of samples.")
+    max_direction_rse: float = Field(
+        0.15, gt=0.0, description="Stop only when the direction's relative standard error sqrt(E|err|²)/|mean d| is at "
+        "most this (about the angle, in radians, between the estimate and the true direction).")
+    max_strength_rse: float = Field(
+        0.05, gt=0.0, description="Stop only when strength's standard error relative to the strength is at most this "
+        "(relative, so one bound serves every encoder's feature scale).")
+    max_consistency_se: float = Field(
+        0.02, gt=0.0, description="Stop only when consistency's standard error (jackknife over prompts) is at most this.")
+    order_seed: int = Field(0, ge=0, description="Seed of the within-category prompt shuffle that fixes the sample order.")
+    max_in_flight: int = Field(
+        256, ge=1, le=1_000_000, description="LoRAs sampled in rounds together (a wave); the next wave starts when this "
+        "one is done. Bounds the driver's memory and the index's `partials` table to this many LoRAs' statistics "
+        "(O(|P| d) each, ~1.1 MB at 280 x 512).")
+
+
 class SamplingSpec(StrictModel):
     prompts: str = Field("conf/prompts/index_prompts.yaml", description="Indexing prompt set P (YAML), relative to the repo or absolute.")
     prompt_subset: str | None = Field(None, description="Named subset of P to use (e.g. `tiny`, `small`); None = all prompts.")
@@ -114,6 +143,7 @@ class SamplingSpec(StrictModel):
         "append", description="`append`: add the LoRA's trigger words to the LoRA prompt only (as the reference); `ignore`: never."
     )
     trigger_joiner: str = Field(", ", description="Text placed between the prompt and the trigger words.")
+    adaptive: AdaptiveSpec = Field(default_factory=AdaptiveSpec, description="Adaptive sampling in rounds (off by default).")
 
     @property
     def seeds(self) -> list[int]:
@@ -220,6 +250,8 @@ class Config(StrictModel):
             "trigger_words": self.sampling.trigger_words,
             "trigger_joiner": self.sampling.trigger_joiner,
         }
+        if self.sampling.adaptive.enabled:  # adaptive signatures use fewer samples: another index
+            payload["adaptive"] = self.sampling.adaptive.model_dump(exclude={"max_in_flight"})
         return self._hash(payload)
 
 

@@ -34,6 +34,12 @@ def signature_schema(direction_type: pa.DataType = pa.float64()) -> pa.Schema:
             pa.field("consistency", pa.float64(), nullable=False),
             pa.field("n", pa.int64()),
             pa.field("strength_std", pa.float64()),
+            # standard errors (carlos_ray.uncertainty) and the adaptive rounds the signature used (null: unknown)
+            pa.field("direction_se", pa.float64()),
+            pa.field("direction_rse", pa.float64()),
+            pa.field("strength_se", pa.float64()),
+            pa.field("consistency_se", pa.float64()),
+            pa.field("n_rounds", pa.int32()),
             pa.field("category_names", pa.list_(pa.string())),
             pa.field("category_strength", pa.list_(pa.float64())),
             pa.field("category_within", pa.list_(pa.float64())),

@@ -11,6 +11,7 @@ Layout::
     INDEX/data/aliases/part-*.parquet       other paths of indexed files (exact duplicates: same SHA-256)
     INDEX/data/tags/part-*.parquet          behavioural tags per LoRA (replaced as a whole by `carlos-ray tags`)
     INDEX/data/tag_vectors/part-*.parquet   the tag vocabulary's reciprocal text vectors (a cache)
+    INDEX/data/partials/part-*.parquet      adaptive sampling: merged statistics of LoRAs between rounds
 
 Commits are atomic: parts are immutable and written first under fresh names; the manifest naming them
 is then swapped in by a single rename (local) or a single object PUT (object stores). A reader loads
@@ -42,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-TABLES = ("signatures", "rejects", "diffs", "thumbs", "aliases", "tags", "tag_vectors")
+TABLES = ("signatures", "rejects", "diffs", "thumbs", "aliases", "tags", "tag_vectors", "partials")
 MANIFEST = "manifest.json"
 RETENTION_S = 600.0  # how long dropped parts outlive the manifest that stopped listing them
 MERGE_PARTS = 16  # a run of this many parts of one size class is merged into one part of the next class
@@ -371,6 +372,10 @@ class Index:
         parts = {}
         for name in TABLES:
             t = snap.table(name)
+            if name == "partials" and t is not None:  # round statistics of finished LoRAs are dead weight
+                from carlos_ray.adaptive import live_partials
+
+                t = live_partials(t, snap.indexed_ids())
             parts[name] = [self._write_part(name, t, MAX_LEVEL)] if t is not None and t.num_rows else []
         m = m.updated(parts=parts, counts={**m.counts, "parts": sum(len(v) for v in parts.values())},
                       version=m.version + 1, updated_at=now_iso(), retired=_retire(m, parts, m.base))

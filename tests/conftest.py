@@ -307,3 +307,40 @@ def browser_page(browser, tmp_path):
     problems = bp.errors + [f"dialog opened: {d}" for d in bp.dialogs]
     if problems:
         pytest.fail("the page reported JavaScript errors or dialogs:\n" + "\n".join(problems), pytrace=False)
+
+
+ADAPTIVE_LORAS = ("noop", "te_only", "styles/style_00", "family/scale_x1")
+
+
+@pytest.fixture(scope="session")
+def adaptive_setup(tiny_config, zoo_dir, tmp_path_factory):
+    """Four zoo LoRAs and an adaptive tiny config (4 seeds x 5 prompts, rounds of 5 samples) written as YAML too;
+    the bounds are loose enough that some LoRAs stop after one round and others run to the full protocol."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    src = tmp_path_factory.mktemp("adaptive_src")
+    for name in ADAPTIVE_LORAS:
+        stem = Path(zoo_dir) / name
+        for f in stem.parent.glob(stem.name + ".*"):
+            shutil.copy(f, src / f.name)
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.sampling.num_seeds = 4
+    a = cfg.sampling.adaptive
+    a.enabled, a.min_samples, a.round_fraction = True, 5, 0.2
+    a.max_direction_rse, a.max_strength_rse, a.max_consistency_se = 0.3, 0.1, 0.1
+    path = src.parent / "adaptive.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    return {"src": src, "config": cfg, "config_path": path}
+
+
+@pytest.fixture(scope="session")
+def adaptive_index(ray_session, adaptive_setup, tmp_path_factory):
+    """The four LoRAs indexed adaptively, uninterrupted."""
+    from carlos_ray.indexing import run_index
+
+    idx = tmp_path_factory.mktemp("adaptive_index") / "idx"
+    summary = run_index(adaptive_setup["config"], [str(adaptive_setup["src"])], str(idx))
+    return {"index": str(idx), "summary": summary}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -123,3 +125,25 @@ def test_bench_behavior_quick(tmp_path):
     assert syn["tagging"]["zscore"]["top1_accuracy"] > 0.9
     assert real["n"] == 740 and len(real["top_pairs"]) == 20 and real["pairs"] >= 20
     assert 0 <= real["pairs_same_stem"] <= real["pairs"]
+
+
+@pytest.mark.slow
+def test_bench_adaptive_quick(tmp_path):
+    out = tmp_path / "adaptive.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_adaptive.py"), "--quick", "--workdir", str(tmp_path / "w"),
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| LoRA images per LoRA, mean |" in proc.stdout and "GPU-h per LoRA" in proc.stdout
+    result = json.loads(out.read_text())
+    assert {"runs", "full", "adaptive", "sweep", "projection"} <= set(result)
+    full_n = result["prompts"] * result["seeds"]
+    assert result["full"]["images_mean"] == full_n
+    assert 0 < result["adaptive"]["images_mean"] <= full_n and result["adaptive"]["images_max"] <= full_n
+    # the real adaptive run and the offline replay of its own bounds (float16 diffs) spend about the same samples
+    own = next(s for s in result["sweep"] if s.get("this run"))
+    assert abs(own["images_mean"] - result["adaptive"]["images_mean"]) <= 0.25 * full_n
+    p = result["projection"]
+    assert p["full_images"] == 4480 and abs(p["gpu_seconds_per_image"] - 7 * 3600 / 4480) < 1e-9

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from carlos_ray.cli.common import EXIT_OK, UsageError, rejects_table
+from carlos_ray.cli.common import EXIT_OK, UsageError, rejects_table, table
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -16,8 +16,16 @@ def cmd_index(args: argparse.Namespace) -> int:
     for src in args.loras:
         if not Path(src).exists():
             raise UsageError(f"LoRA source not found: {src}")
+    from carlos_ray.uncertainty import format_estimate
+
+    indexed: list[dict] = []
     s = run_index(cfg, args.loras, args.index, address=args.address, max_loras=args.max_loras,
-                  retry_rejected=args.retry_rejected)
+                  retry_rejected=args.retry_rejected, on_lora=indexed.append)
+    if indexed:
+        print("\nindexed (± is a 95% interval):")
+        print(table([{"name": r["name"][:40], "strength": format_estimate(r["strength"], r["strength_se"]),
+                      "consistency": format_estimate(r["consistency"], r["consistency_se"]), "samples": r["n"]}
+                     for r in indexed], ["name", "strength", "consistency", "samples"]))
     if s.rejects:
         print("\nrejected:")
         print(rejects_table(s.rejects, 120))

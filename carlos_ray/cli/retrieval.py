@@ -26,10 +26,16 @@ def _load_ranker(index: str):
     return fixed.state.ranker, fixed.state.manifest, fixed
 
 
-def _print_hits(hits: list[dict], header: str) -> None:
+def _print_hits(hits: list[dict], header: str, ranker=None) -> None:
+    """The hits as a table; with the ranker, strength and consistency carry their 95% intervals ("4.1 ± 0.2")."""
+    from carlos_ray.uncertainty import format_estimate
+
+    def se(lid: str, key: str) -> float | None:
+        return None if ranker is None else ranker.get(lid).get(key)
+
     rows = [{**h, "score": f"{h['score']:.4f}",
-             "strength": "" if h["strength"] is None else f"{h['strength']:.4g}",
-             "consistency": "" if h["consistency"] is None else f"{h['consistency']:.4f}",
+             "strength": format_estimate(h["strength"], se(h["lora_id"], "strength_se")),
+             "consistency": format_estimate(h["consistency"], se(h["lora_id"], "consistency_se")),
              "name": (h["name"] or "")[:40]} for h in hits]
     print(header)
     print(table(rows, HIT_COLUMNS) if rows else "(no LoRA passes the filters)")
@@ -71,7 +77,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(result.model_dump_json())
     else:
         _print_hits([h.model_dump() for h in result.hits], f"query {text!r}: top {k} of {len(ranker)} LoRAs "
-                    f"(max_strength {result.max_strength}, min_consistency {result.min_consistency})")
+                    f"(max_strength {result.max_strength}, min_consistency {result.min_consistency}; ± is a 95% interval)",
+                    ranker)
     return EXIT_OK
 
 
@@ -88,7 +95,8 @@ def cmd_similar(args: argparse.Namespace) -> int:
     if args.json:
         print(result.model_dump_json())
     else:
-        _print_hits([h.model_dump() for h in result.hits], f"LoRAs most similar to {args.lora_id!r}:")
+        _print_hits([h.model_dump() for h in result.hits], f"LoRAs most similar to {args.lora_id!r} (± is a 95% interval):",
+                    ranker)
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from carlos_ray.adaptive import AdaptiveRounds, Carry, partials_table
 from carlos_ray.config import Config
 from carlos_ray.indexing.plan import IndexPlan, base_array, diffs_table, signature_row, signatures_table
 from carlos_ray.indexing.quarantine import WORKER_CRASHED, start_registry
@@ -29,6 +30,7 @@ from carlos_ray.runtime import ensure_ray
 from carlos_ray.signatures import PartialStats
 from carlos_ray.store import Index, Snapshot, rejects_table
 from carlos_ray.thresholds import Thresholds, resolve_thresholds
+from carlos_ray.uncertainty import standard_errors
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class IndexSummary:
     rejected: int = 0
     duplicates: int = 0
     images_generated: int = 0
+    rounds: int = 0  # LoRA passes run (adaptive sampling: one per round of a wave; else 1)
     pass_retries: int = 0
     duplicate_outputs: int = 0
     base_cached: bool = False
@@ -106,10 +109,20 @@ def retry_passes(run_pass: Callable[[list[LoraJob], set[str]], None], todo: list
 
 class LoraPass:
     """One streaming pass over some LoRAs: merges the map-side partials of each, finishes a LoRA (signature or
-    reject) once all its samples are in, and commits finished LoRAs every `commit_every`."""
+    reject) once all its samples are in, and commits finished LoRAs every `commit_every`.
 
-    def __init__(self, driver: "IndexDriver", todo: list[LoraJob], finished_ids: set[str]):
+    With `rounds` (adaptive sampling) a LoRA's samples in this pass are its next round; once they are in, its
+    merged statistics either settle (signature, with its standard errors) or go to the `partials` table, in the
+    same commit as any signature, and the LoRA runs again in the next pass."""
+
+    def __init__(self, driver: "IndexDriver", todo: list[LoraJob], finished_ids: set[str],
+                 rounds: AdaptiveRounds | None = None):
         self.driver, self.plan, self.index, self.summary = driver, driver.plan, driver.index, driver.summary
+        self.rounds = rounds
+        self.samples = {j.lora_id: None if rounds is None else rounds.next_samples(j.lora_id) for j in todo}
+        n_all = self.plan.samples_per_lora
+        self.expected = {lid: n_all if s is None else len(s) for lid, s in self.samples.items()}
+        self.carries: dict[str, Carry | None] = {}  # adaptive: the carry each pending LoRA leaves (None: it stopped)
         self.todo = todo
         self.by_id = {j.lora_id: j for j in todo}
         self.finished_ids = finished_ids
@@ -118,7 +131,7 @@ class LoraPass:
         self.nonfinite: dict[str, int] = defaultdict(int)
         self.errors: dict[str, str] = {}
         self.extra: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        self.pending: dict[str, list] = {"signatures": [], "rejects": [], "diffs": [], "thumbs": []}
+        self.pending: dict[str, list] = {"signatures": [], "rejects": [], "diffs": [], "thumbs": [], "partials": []}
         self.pending_ids: list[str] = []
         self.finished = 0
 
@@ -127,20 +140,21 @@ class LoraPass:
 
         cfg = self.plan.cfg
         data_context(cfg)
-        rows = self.plan.rows(self.todo)
-        blocks = max(1, len(rows) // (cfg.indexing.lora_block_rows or self.plan.samples_per_lora))
+        rows = [r for job in self.todo for r in self.plan.rows([job], self.samples[job.lora_id])]
+        per_lora = max(1, len(rows) // max(len(self.todo), 1))
+        blocks = max(1, len(rows) // (cfg.indexing.lora_block_rows or per_lora))
         ds = generate_and_embed(ray.data.from_items(rows, override_num_blocks=blocks), self.plan, base=base,
                                 registry=registry)
         try:
             for row in ds.iter_rows():
-                if self.receive(row) and len(self.covered[row["lora_id"]]) == self.plan.samples_per_lora:
+                if self.receive(row) and len(self.covered[row["lora_id"]]) == self.expected[row["lora_id"]]:
                     self.finished += 1
                     self.finish(row["lora_id"])
                     if self.finished % self.driver.commit_every == 0:
                         self.flush()
         finally:  # every finished LoRA is complete: commit it even when the pass fails
             self.flush()
-        incomplete = [self.by_id[k].name for k in self.covered if len(self.covered[k]) < self.plan.samples_per_lora]
+        incomplete = [self.by_id[k].name for k in self.covered if len(self.covered[k]) < self.expected[k]]
         if incomplete:
             raise IncompletePass(f"the pipeline ended with incomplete LoRAs {incomplete}: nothing of them was committed")
 
@@ -168,44 +182,64 @@ class LoraPass:
                 self.extra[lid][k].extend(list(row[k]))
         return True
 
-    def rejection(self, lid: str) -> tuple[str, str] | None:
-        """(code, reason) when a complete LoRA must be rejected, else None."""
-        cfg, n_lora = self.plan.cfg, self.plan.samples_per_lora
+    def rejection(self, lid: str, carry: Carry, n_taken: int, last: bool) -> tuple[str, str] | None:
+        """(code, reason) when a LoRA whose samples of this pass are in must be rejected, else None."""
+        cfg = self.plan.cfg
         error = self.errors.get(lid)
         if error is not None and error.startswith(WORKER_CRASHED + ":"):
             return WORKER_CRASHED, error.split(":", 1)[1].strip()
         if error is not None:
             return "load_failed", f"the adapter failed to load or run: {error}"
-        if self.nonfinite[lid] / n_lora > cfg.indexing.max_nonfinite_fraction:
-            return "nonfinite_samples", (f"{self.nonfinite[lid]} of {n_lora} images or embeddings were non-finite "
+        if carry.n_nonfinite / n_taken > cfg.indexing.max_nonfinite_fraction:
+            return "nonfinite_samples", (f"{carry.n_nonfinite} of {n_taken} images or embeddings were non-finite "
                                          f"(limit {cfg.indexing.max_nonfinite_fraction:.0%})")
-        if self.acc[lid].count < 2:
-            return "too_few_samples", f"only {self.acc[lid].count} finite samples; a signature needs at least 2"
+        if carry.partial.count < 2 and last:
+            return "too_few_samples", f"only {carry.partial.count} finite samples; a signature needs at least 2"
         return None
 
     def finish(self, lid: str) -> None:
-        job, cfg, position = self.by_id[lid], self.plan.cfg, self.finished
-        self.summary.images_generated += self.plan.samples_per_lora
-        reject = self.rejection(lid)
+        job, cfg, position, rounds = self.by_id[lid], self.plan.cfg, self.finished, self.rounds
+        self.summary.images_generated += self.expected[lid]
+        if rounds is None:
+            carry, n_taken, last = Carry(1, self.acc[lid], self.nonfinite[lid]), self.plan.samples_per_lora, True
+        else:
+            carry = rounds.advance(lid, self.acc[lid], self.nonfinite[lid])
+            n_taken, last = rounds.plan.used(carry.rounds_done), rounds.is_last(carry)
+        total = carry.partial
+        reject = self.rejection(lid, carry, n_taken, last)
         if reject:
             r = reject_record(job.path, *reject, sha256=job.sha256)
             self.pending["rejects"].append(r)
             self.summary.rejects.append(r)
+            self.carries[lid] = None
             logger.info("[%d/%d] rejected %s: %s", position, len(self.todo), job.name, reject[1])
         else:
-            sig = self.acc[lid].finalize(self.plan.categories)
-            self.pending["signatures"].append(signature_row(job, sig, self.plan))
-            if cfg.indexing.keep_diffs:
-                self.pending["diffs"].append(diffs_table(lid, self.extra[lid], len(sig.direction)))
+            errs = standard_errors(total)
+            if rounds is not None and not last and not rounds.rule.settled(errs, carry.rounds_done):
+                self.pending["partials"].append(rounds.row(lid, carry))
+                self.carries[lid] = carry
+                logger.info("[%d/%d] %s: round %d, %d samples, direction rse %.3g, strength rse %.3g, consistency "
+                            "se %.3g: not settled", position, len(self.todo), job.name, carry.rounds_done, total.count,
+                            errs.direction_rse, errs.strength_rse, errs.consistency_se)
+            else:
+                sig = total.finalize(self.plan.categories)
+                self.pending["signatures"].append(signature_row(job, sig, self.plan, errs, carry.rounds_done))
+                self.carries[lid] = None
+                self.summary.indexed += 1
+                logger.info("[%d/%d] indexed %s  strength=%.4g±%.2g consistency=%.4g±%.2g n=%d", position,
+                            len(self.todo), job.name, sig.strength, errs.strength_se, sig.consistency,
+                            errs.consistency_se, sig.n)
+                if self.driver.on_lora:
+                    self.driver.on_lora({"lora_id": lid, "name": job.name, "strength": sig.strength,
+                                         "consistency": sig.consistency, "strength_se": errs.strength_se,
+                                         "consistency_se": errs.consistency_se, "n": sig.n,
+                                         "n_rounds": carry.rounds_done})
+            # a round's diffs and thumbnails are committed with the round's statistics
+            if cfg.indexing.keep_diffs and self.extra[lid]["diffs"]:
+                self.pending["diffs"].append(diffs_table(lid, self.extra[lid], total.d))
             if cfg.indexing.keep_thumbnails:
                 for pi, png in zip(self.extra[lid]["thumb_prompt_idx"], self.extra[lid]["thumbs"]):
                     self.pending["thumbs"].append({"lora_id": lid, "prompt_idx": pi, "png": png})
-            self.summary.indexed += 1
-            logger.info("[%d/%d] indexed %s  strength=%.4g consistency=%.4g n=%d", position, len(self.todo), job.name,
-                        sig.strength, sig.consistency, sig.n)
-            if self.driver.on_lora:
-                self.driver.on_lora({"lora_id": lid, "name": job.name, "strength": sig.strength,
-                                     "consistency": sig.consistency})
         self.pending_ids.append(lid)
         del self.acc[lid], self.extra[lid]
 
@@ -219,10 +253,15 @@ class LoraPass:
             "rejects": rejects_table(pending["rejects"], self.plan.config_hash) if pending["rejects"] else None,
             "diffs": pa.concat_tables(pending["diffs"]) if pending["diffs"] else None,
             "thumbs": pa.Table.from_pylist(pending["thumbs"]) if pending["thumbs"] else None,
+            "partials": partials_table(pending["partials"], self.plan.config_hash) if pending["partials"] else None,
         }
         m = self.index.commit(tables)
-        logger.info("committed %d signatures, %d rejects (index version %d)", len(pending["signatures"]),
-                    len(pending["rejects"]), m.version)
+        logger.info("committed %d signatures, %d rejects, %d round statistics (index version %d)",
+                    len(pending["signatures"]), len(pending["rejects"]), len(pending["partials"]), m.version)
+        if self.rounds is not None:
+            for lid, carry in self.carries.items():
+                self.rounds.record(lid, carry)
+            self.carries.clear()
         self.finished_ids.update(self.pending_ids)
         self.pending_ids.clear()
         for v in pending.values():
@@ -267,7 +306,11 @@ class IndexDriver:
                 summary.images_generated += plan.samples_per_lora
             if todo:
                 t2 = time.time()
-                self.lora_passes(todo, base)
+                rounds = plan.adaptive_state(snap.table("partials"))
+                if rounds is None:
+                    self.lora_passes(todo, base)
+                else:
+                    self.adaptive_passes(todo, base, rounds)
                 summary.lora_pass_seconds = time.time() - t2
             m = index.commit(fields={"thresholds": self.thresholds().as_manifest(), **plan.manifest_fields()})
             if m.counts.get("parts", 0) > COMPACT_AFTER_PARTS:
@@ -330,16 +373,28 @@ class IndexDriver:
         self.index.commit(base=(plan.base_key, table))
         return base_array(table, plan)
 
-    def lora_passes(self, todo: list[LoraJob], base: np.ndarray) -> None:
-        """The LoRA pass with pass-level retries and the quarantine registry of this run."""
+    def lora_passes(self, todo: list[LoraJob], base: np.ndarray, rounds: AdaptiveRounds | None = None) -> None:
+        """One LoRA pass (adaptive: one round) with pass-level retries and the quarantine registry of this run."""
         import ray
 
         registry = start_registry(self.plan.cfg.resources.max_worker_crashes)  # quarantines LoRAs that crash their actor
         try:
-            retry_passes(lambda remaining, finished: LoraPass(self, remaining, finished).run(base, registry),
+            retry_passes(lambda remaining, finished: LoraPass(self, remaining, finished, rounds).run(base, registry),
                          todo, self.plan.cfg.resources.pass_retries, self.summary)
         finally:
             ray.kill(registry)
+        self.summary.rounds += 1
+
+    def adaptive_passes(self, todo: list[LoraJob], base: np.ndarray, rounds: AdaptiveRounds) -> None:
+        """Waves of at most `max_in_flight` LoRAs (resumed ones first); in each, one pass per round over the LoRAs
+        still running, until every LoRA of the wave settled, reached the full protocol or was rejected."""
+        todo = sorted(todo, key=lambda j: j.lora_id not in rounds.carry)
+        size = self.plan.cfg.sampling.adaptive.max_in_flight
+        for start in range(0, len(todo), size):
+            wave = todo[start : start + size]
+            while wave:
+                self.lora_passes(wave, base, rounds)
+                wave = [j for j in wave if j.lora_id in rounds.running]
 
     def thresholds(self) -> Thresholds:
         """The manifest's default filters: the config's (paper: 9.8 / 0.041), else calibrated from the index."""

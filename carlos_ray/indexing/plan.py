@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from carlos_ray.adaptive import AdaptiveRounds, RoundPlan, StoppingRule
 from carlos_ray.config import Config
 from carlos_ray.indexing.sources import LoraJob
 from carlos_ray.prompts import PromptSet, load_prompt_set
 from carlos_ray.signatures import Signature
 from carlos_ray.store import now_iso
+from carlos_ray.uncertainty import SignatureErrors
 
 
 def lora_prompt(text: str, job: LoraJob | None, cfg: Config) -> str:
@@ -33,20 +35,33 @@ class IndexPlan:
         self.base_key = cfg.base_key(self.prompt_hash)
         self.image_size = encoder_image_size(cfg.encoder)
         self.categories = list(self.prompts.category_of_index)
+        a = cfg.sampling.adaptive
+        self.rounds: RoundPlan | None = (
+            RoundPlan.build(self.categories, len(self.seeds), a.round_fraction, a.order_seed) if a.enabled else None)
+
+    def adaptive_state(self, partials: pa.Table | None) -> AdaptiveRounds | None:
+        """Round state of an adaptive run, resumed from the index's `partials` table (None: not adaptive)."""
+        if self.rounds is None:
+            return None
+        a = self.cfg.sampling.adaptive
+        rule = StoppingRule(a.max_direction_rse, a.max_strength_rse, a.max_consistency_se, a.min_rounds, a.min_samples)
+        return AdaptiveRounds(self.rounds, rule, self.config_hash, partials)
 
     @property
     def samples_per_lora(self) -> int:
         return len(self.prompts) * len(self.seeds)
 
-    def rows(self, jobs: list[LoraJob | None]) -> list[dict]:
-        """LoRA-major rows; `None` is the base model."""
+    def rows(self, jobs: list[LoraJob | None], samples: np.ndarray | None = None) -> list[dict]:
+        """LoRA-major rows; `None` is the base model. `samples`: only these (prompt_idx, seed_idx) pairs."""
+        if samples is None:
+            samples = [(pi, si) for pi in range(len(self.prompts)) for si in range(len(self.seeds))]
         out = []
         for job in jobs:
-            for pi, prompt in enumerate(self.prompts.prompts):
-                for si, seed in enumerate(self.seeds):
-                    out.append({"lora_id": job.lora_id if job else "", "lora_path": job.path if job else "",
-                                "prompt": lora_prompt(prompt.text, job, self.cfg), "prompt_idx": pi,
-                                "seed_idx": si, "seed": seed})
+            for pi, si in samples:
+                pi, si = int(pi), int(si)
+                out.append({"lora_id": job.lora_id if job else "", "lora_path": job.path if job else "",
+                            "prompt": lora_prompt(self.prompts.prompts[pi].text, job, self.cfg), "prompt_idx": pi,
+                            "seed_idx": si, "seed": self.seeds[si]})
         return out
 
     def manifest_fields(self) -> dict:
@@ -65,8 +80,9 @@ class IndexPlan:
         }
 
 
-def signature_row(job: LoraJob, sig: Signature, plan: IndexPlan) -> dict:
-    return {
+def signature_row(job: LoraJob, sig: Signature, plan: IndexPlan, errs: SignatureErrors | None = None,
+                  n_rounds: int | None = None) -> dict:
+    return {**(errs.as_row() if errs else {}), "n_rounds": n_rounds,
         "lora_id": job.lora_id, "name": job.name, "description": job.description, "trigger_words": job.trigger_words,
         "source_path": job.path, "source_url": job.source_url, "sha256": job.sha256, "format": job.format,
         "rank": job.rank, "direction": sig.direction.tolist(), "strength": float(sig.strength),

@@ -145,6 +145,7 @@ class ReportPage:
     strength: np.ndarray
     consistency: np.ndarray
     quadrants: list[str]
+    stated: list[tuple[str, str, int | None]] = field(default_factory=list)  # "x ± y" strength, consistency; samples
     labelled: list[int] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     cat_note: str = ""

@@ -50,6 +50,7 @@ def build_report(index_uri: str, out_dir: str | Path, *, max_grids: int = MAX_GR
         quadrants=quadrant_labels(strength, consistency, thresholds),
         title=f"{m.config_name or Path(str(index_uri)).name}: {n} LoRAs, encoder {describe(m.encoder)}",
     )  # fmt: skip
+    page.stated = _stated(table, strength, consistency)
     labels = [plot_label(x, i) for x, i in zip(raw_names, ids)]
     page.labelled = plot_scatter(strength, consistency, page.quadrants, labels, thresholds, page.title,
                                  out / "scatter.png")
@@ -69,6 +70,17 @@ def build_report(index_uri: str, out_dir: str | Path, *, max_grids: int = MAX_GR
     logger.info("report of %d LoRAs written to %s (%d grids, %d near-duplicate groups)", n, path, len(page.grids),
                 len(page.groups))
     return path
+
+
+def _stated(table: pa.Table, strength: np.ndarray, consistency: np.ndarray) -> list[tuple[str, str, int | None]]:
+    """Strength and consistency with their 95% intervals ("4.12 ± 0.20") and the samples each signature used."""
+    from carlos_ray.uncertainty import format_estimate
+
+    def column(name: str) -> list:
+        return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+    return [(format_estimate(s, se), format_estimate(c, ce), k) for s, se, c, ce, k in zip(
+        strength.tolist(), column("strength_se"), consistency.tolist(), column("consistency_se"), column("n"))]
 
 
 def _categories(page: ReportPage, table: pa.Table, labels: list[str]) -> None:

@@ -158,7 +158,9 @@ def render_html(page: ReportPage) -> str:
                  "quadrant, filter verdict and near-duplicate group).</p>")
     if n <= MAX_HTML_TABLE_ROWS:
         order = np.argsort(-np.nan_to_num(strength, nan=-np.inf), kind="stable")
-        parts.append(html_table(["name", "lora_id", "strength", "consistency", "quadrant"],
-                                 [[names[i], ids[i], strength[i], consistency[i], quadrants[i]] for i in order]))
+        parts.append('<p class="note">Strength and consistency with their 95% intervals (± 1.96 standard errors, from '
+                     "the samples each signature used).</p>")
+        parts.append(html_table(["name", "lora_id", "strength", "consistency", "samples", "quadrant"],
+                                [[names[i], ids[i], *page.stated[i], quadrants[i]] for i in order]))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -148,7 +148,10 @@ class RankerService:
         except UnknownLora as e:
             raise ServiceError(404, "unknown_lora", str(e)) from None
         row.pop("direction", None)
+        from carlos_ray.uncertainty import stated_intervals
+
         return {"lora_id": lora_id, "index_version": state.version, "dim": state.ranker.dim, "signature": json_safe(row),
+                "intervals": json_safe(stated_intervals(row)),
                 "tags": behavior_api.tag_models(state.behavior, lora_id),
                 "exact_copies": state.behavior.aliases.get(lora_id, [])}
 
