@@ -67,6 +67,9 @@ class LoraResponse(BaseModel):
     index_version: int
     dim: int = Field(..., description="Width of the direction vector (not included; it is the index's raw data).")
     signature: dict[str, Any] = Field(..., description="The LoRA's row of the signatures table, without `direction`.")
+    intervals: dict[str, Any] | None = Field(
+        None, description="95% intervals from the signature's standard errors: 'strength 4.12 ± 0.20', samples used, rounds."
+    )
     tags: list[TagModel] | None = Field(None, description="Behavioural tags, best first (null: the index has no tags yet).")
     exact_copies: list[str] = Field(default_factory=list, description="Other paths of this very file (same SHA-256), indexed once.")
 
