@@ -98,12 +98,12 @@ def measure_effects(config: str, seeds: int) -> tuple[list[dict], dict]:
 
 
 def measure_queries(index: str, config: str) -> tuple[list[dict], dict]:
-    from carlos_ray.service import load_query_encoder, load_ranker
+    from carlos_ray.serving import load_query_encoder, load_ranker
     from carlos_ray.world.render import STYLES
     from carlos_ray.world.zoo_spec import shipped_zoo_dir
 
     zoo = shipped_zoo_dir()
-    if not Path(index, "manifest.json").exists():
+    if not Path(index).exists():
         from carlos_ray.config import Config
         from carlos_ray.indexing import run_index
 
@@ -123,7 +123,7 @@ def measure_queries(index: str, config: str) -> tuple[list[dict], dict]:
         rows.append({"word": word, "top1": names[0] if names else "-", "score": f"{top.score:.3f}" if top else "-",
                      "planted": ",".join(sorted(planted)), "planted_rank": rank if rank else "-",
                      "correct": bool(names and names[0] in planted)})
-    th = manifest.get("thresholds", {})
+    th = dict(manifest.thresholds or {})
     info = {"index": index, "loras": n, "thresholds": th,
             "top1_accuracy": round(sum(r["correct"] for r in rows) / len(rows), 3)}
     return rows, info
