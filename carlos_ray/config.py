@@ -94,7 +94,9 @@ class EncoderSpec(StrictModel):
     @field_validator("pretrained")
     @classmethod
     def _no_pickles(cls, v: str | None) -> str | None:
-        if v is not None and v.lower().endswith((".pt", ".pth", ".bin", ".ckpt", ".pkl")):
+        from carlos_ray.lora.header import PICKLE_EXTENSIONS
+
+        if v is not None and v.lower().endswith(tuple(PICKLE_EXTENSIONS)):
             raise ValueError(f"pretrained checkpoint {v!r} is a pickle format; only `.safetensors` checkpoints are loaded")
         return v
 

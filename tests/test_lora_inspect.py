@@ -239,10 +239,11 @@ def test_more_malformed_files(tmp_path):
             save_numpy({**kohya_state({key: (4, 4)}), **peft_state({"unet.a.to_q": (4, 4)})}),
             "bad_lora",
         ),
-        "loha.safetensors": (
+        "loha.safetensors": (  # half a LoHa: LoHa is supported, a module without its second Hadamard factor is not
             save_numpy({f"{key}.hada_w1_a": np.zeros((4, 2), np.float32), f"{key}.hada_w1_b": np.zeros((2, 4), np.float32)}),
-            "not_lora",
+            "bad_lora",
         ),
+        "oft.safetensors": (save_numpy({f"{key}.oft_blocks": np.zeros((4, 2, 2), np.float32)}), "unsupported"),
         "alpha_nan.safetensors": (save_numpy(kohya_state({key: (4, 4)}, alpha=float("nan"))), "nonfinite"),
         "weights.pt": (save_numpy(kohya_state({key: (4, 4)})), "pickle"),  # even valid bytes: never by name
         "pickle_proto2.safetensors": (b"\x80\x02}q\x00.", "pickle"),
@@ -252,9 +253,11 @@ def test_more_malformed_files(tmp_path):
         with pytest.raises(LoraRejected) as exc:
             inspect_lora(tmp_path / name)
         assert exc.value.code == code, (name, exc.value)
-    # the LyCORIS hint is in the reason
-    with pytest.raises(LoraRejected, match="LyCORIS"):
+    # the reason names the format and what is missing
+    with pytest.raises(LoraRejected, match="LyCORIS LoHa .* misses hada_w2_a, hada_w2_b"):
         inspect_lora(tmp_path / "loha.safetensors")
+    with pytest.raises(LoraRejected, match="LyCORIS OFT"):
+        inspect_lora(tmp_path / "oft.safetensors")
 
 
 def test_fifo_is_not_opened_for_blocking_read(tmp_path):
@@ -473,7 +476,7 @@ def _write_peft(tmp_path: Path, mods) -> Path:
 
 @pytest.mark.parametrize(
     "ctx,family",
-    [(768, "SD1.x"), (1024, "SD2.x"), (2048, "SDXL")],
+    [(768, "SD1.x"), (1024, "SD2.x")],
 )
 def test_wrong_base_from_cross_attention_width(tmp_path, targets, ctx, family):
     mods = {f"unet.{ATTN}.attn2.to_k": (64, ctx), f"unet.{ATTN}.attn2.to_v": (64, ctx), f"unet.{ATTN}.attn1.to_q": (64, 64)}
@@ -483,6 +486,17 @@ def test_wrong_base_from_cross_attention_width(tmp_path, targets, ctx, family):
     assert exc.value.code == "wrong_base"
     assert f"looks like an {family} LoRA; this generator is SDXL-shaped" in exc.value.reason
     assert str(ctx) in exc.value.reason and "32" in exc.value.reason
+
+
+def test_full_size_sdxl_lora_on_tiny_sdxl_is_a_size_mismatch(tmp_path, targets):
+    """Same family (SDXL), other size: not a wrong base, and the reason says size mismatch with both widths."""
+    mods = {f"unet.{ATTN}.attn2.to_k": (64, 2048), f"unet.{ATTN}.attn2.to_v": (64, 2048), f"unet.{ATTN}.attn1.to_q": (64, 64)}
+    info = inspect_lora(_write_peft(tmp_path, mods))
+    with pytest.raises(LoraRejected) as exc:
+        check_compatible(info, targets)
+    assert exc.value.code == "shape_mismatch"
+    assert "size mismatch" in exc.value.reason and "2048" in exc.value.reason and "[32]" in exc.value.reason
+    assert "looks like" not in exc.value.reason
 
 
 def test_wrong_base_sdxl_lora_on_single_encoder_generator(tmp_path, targets):

@@ -174,9 +174,8 @@ def inspect_paths(paths: list[str], targets: dict | None) -> list[dict]:
             results.append({"path": info["path"], "ok": False, "reason": f"{info['code']}: {info['reason']}",
                             "code": info["code"], "format": None, "rank": None, "sha256": None})
         else:
-            results.append({"path": str(item[0]), "ok": True, "reason": None, "code": None, "format": info.format,
-                            "rank": info.rank, "alpha": info.alpha, "sha256": info.sha256, "size_bytes": info.size_bytes,
-                            "tensors": info.tensor_count, "targets": {k: len(v) for k, v in info.targets.items()}})
+            results.append({"path": str(item[0]), "ok": True, "reason": None, "code": None, **info.summary(),
+                            "targets": {k: len(v) for k, v in info.targets.items()}})
     return results
 
 

@@ -23,6 +23,15 @@ from safetensors.numpy import save as save_numpy
 COMPAT_ONLY_CODES = frozenset({"wrong_base", "no_match", "shape_mismatch"})
 
 
+def _pairs(modules: Mapping[str, tuple[int, int]], rank: int, dtype: Any, seed: int, down: str, up: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, (n_out, n_in) in modules.items():
+        out[f"{name}.{down}"] = (rng.standard_normal((rank, n_in)) * 0.1).astype(dtype)
+        out[f"{name}.{up}"] = (rng.standard_normal((n_out, rank)) * 0.1).astype(dtype)
+    return out
+
+
 def kohya_state(
     modules: Mapping[str, tuple[int, int]],
     *,
@@ -32,13 +41,9 @@ def kohya_state(
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """kohya tensors for ``{kohya module name: (out, in)}`` (e.g. "lora_unet_..._to_q": (64, 64))."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for name, (n_out, n_in) in modules.items():
-        out[f"{name}.lora_down.weight"] = (rng.standard_normal((rank, n_in)) * 0.1).astype(dtype)
-        out[f"{name}.lora_up.weight"] = (rng.standard_normal((n_out, rank)) * 0.1).astype(dtype)
-        if alpha is not None:
-            out[f"{name}.alpha"] = np.asarray(alpha, dtype=dtype)
+    out = _pairs(modules, rank, dtype, seed, "lora_down.weight", "lora_up.weight")
+    if alpha is not None:
+        out.update({f"{name}.alpha": np.asarray(alpha, dtype=dtype) for name in modules})
     return out
 
 
@@ -46,12 +51,7 @@ def peft_state(
     modules: Mapping[str, tuple[int, int]], *, rank: int = 4, dtype: Any = np.float32, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """diffusers/peft tensors for ``{"unet.<module>": (out, in)}``: ``<key>.lora_A.weight`` / ``.lora_B.weight``."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for name, (n_out, n_in) in modules.items():
-        out[f"{name}.lora_A.weight"] = (rng.standard_normal((rank, n_in)) * 0.1).astype(dtype)
-        out[f"{name}.lora_B.weight"] = (rng.standard_normal((n_out, rank)) * 0.1).astype(dtype)
-    return out
+    return _pairs(modules, rank, dtype, seed, "lora_A.weight", "lora_B.weight")
 
 
 def pack_safetensors(header: dict[str, Any] | bytes, data: bytes, *, claimed_length: int | None = None) -> bytes:
@@ -90,17 +90,10 @@ def _lora_with_bad_value(dtype: str, bits: int) -> bytes:
     return pack_safetensors(header, down.tobytes() + up.tobytes())
 
 
-def write_hostile_corpus(directory: str | os.PathLike[str]) -> dict[str, str]:
-    """Write the corpus into ``directory``; return {file name: expected rejection code}.
-
-    Codes in :data:`COMPAT_ONLY_CODES` come from ``check_compatible`` against an SDXL-shaped
-    target; all others from ``inspect_lora`` with default limits. Every file is < 1 MB.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    valid = save_numpy(kohya_state(_SMALL_LORA))
+def _header_cases(valid: bytes) -> dict[str, tuple[bytes, str]]:
+    """Files whose safetensors header is broken or hostile."""
     f32x16 = np.arange(16, dtype="<f4").tobytes()
-    files: dict[str, tuple[bytes, str]] = {
+    return {
         "truncated.safetensors": (valid[:-10], "truncated"),
         "header_length_lies.safetensors": (struct.pack("<Q", len(valid) + 100) + valid[8:], "header_too_large"),
         "header_gigabytes.safetensors": (
@@ -142,6 +135,12 @@ def write_hostile_corpus(directory: str | os.PathLike[str]) -> dict[str, str]:
             ),
             "bad_header",
         ),
+    }
+
+
+def _content_cases() -> dict[str, tuple[bytes, str]]:
+    """Well-formed headers with hostile or wrong content (values, pickles, no LoRA, another base model)."""
+    return {
         "huge_metadata.safetensors": (
             save_numpy(kohya_state(_SMALL_LORA), metadata={"ss_tag_frequency": "x" * (600 * 1024)}),
             "metadata_too_large",
@@ -161,6 +160,18 @@ def write_hostile_corpus(directory: str | os.PathLike[str]) -> dict[str, str]:
         "not_safetensors.safetensors": (b"this is a text file, not a model\n" * 4, "not_safetensors"),
         "sd15_kohya.safetensors": (save_numpy(kohya_state(_SD15_LORA, dtype=np.float16)), "wrong_base"),
     }
+
+
+def write_hostile_corpus(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """Write the corpus into ``directory``; return {file name: expected rejection code}.
+
+    Codes in :data:`COMPAT_ONLY_CODES` come from ``check_compatible`` against an SDXL-shaped
+    target; all others from ``inspect_lora`` with default limits. Every file is < 1 MB.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    valid = save_numpy(kohya_state(_SMALL_LORA))
+    files = {**_header_cases(valid), **_content_cases()}
     for name, (data, _) in files.items():
         (d / name).write_bytes(data)
     return {name: code for name, (_, code) in files.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -67,11 +66,7 @@ class SDXLGenerator:
         embedded = embedded_generator(spec.model)
         pipe = embedded.pipeline(spec) if embedded is not None else load_pretrained_sdxl_pipeline(spec)
         self.pipe = pipe.to(self.device)
-        self._adapters: OrderedDict[str, None] = OrderedDict()
-        self._active: str | None = None
-        self._hotswap_ready = False
-        if spec.lora_hotswap:
-            self.pipe.enable_lora_hotswap(target_rank=spec.hotswap_max_rank)
+        self._init_lora()
         if spec.compile_unet:
             self.pipe.unet = torch.compile(self.pipe.unet)
         self.images_generated = 0
@@ -81,51 +76,34 @@ class SDXLGenerator:
         """Module name -> (out, in) per component, for the LoRA compatibility check."""
         return generator_lora_targets(self.spec)  # from configs: loaded adapters would rename modules
 
-    def _read_lora(self, path: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+    def _init_lora(self) -> None:
+        from carlos_ray.lora.apply import LoraApplier
 
-        if not str(path).endswith(".safetensors"):
-            raise ValueError(f"LoRA {path} is not a .safetensors file; pickled formats are never loaded")
-        return load_file(str(path), device="cpu")
+        components = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder,
+                      "text_encoder_2": self.pipe.text_encoder_2}
+        self._lora = LoraApplier(components, self.lora_targets())
+        self._adapters: OrderedDict = OrderedDict()  # name -> PreparedAdapter (the file's factors on the device)
+        self._active: str | None = None
 
     def activate(self, name: str | None, path: str | None = None) -> None:
-        """Make adapter `name` (loaded from `path` on first use) the only active one; None = base model."""
+        """Make adapter `name` (loaded from `path` on first use) the only active one; None = base model.
+
+        The file's exact per-module update is added by forward hooks (carlos_ray.lora.apply); base weights
+        are never written, so None restores the base model exactly. With `lora_hotswap` the same path runs.
+        """
         if name is None:
-            if self._adapters:
-                self.pipe.disable_lora()
+            self._lora.deactivate()
             self._active = None
-            return
-        name = "lora_" + re.sub(r"\W", "_", name)  # peft adapter names cannot hold dots
-        if self.spec.lora_hotswap:
-            self._activate_hotswap(name, path)
             return
         if name not in self._adapters:
             if path is None:
                 raise KeyError(f"adapter {name!r} is not loaded and no path was given")
-            self.pipe.load_lora_weights(self._read_lora(path), adapter_name=name)
-            self._adapters[name] = None
+            self._adapters[name] = self._lora.prepare(path)
             while len(self._adapters) > self.spec.adapter_cache_size:
                 old, _ = self._adapters.popitem(last=False)
-                self.pipe.delete_adapters(old)
                 logger.debug("evicted adapter %s", old)
         self._adapters.move_to_end(name)
-        self.pipe.enable_lora()
-        self.pipe.set_adapters([name], adapter_weights=[self.spec.lora_scale])
-        self._active = name
-
-    def _activate_hotswap(self, name: str, path: str | None) -> None:
-        if self._active == name:
-            self.pipe.enable_lora()
-            return
-        if path is None:
-            raise KeyError(f"adapter {name!r} is not loaded and no path was given")
-        state = self._read_lora(path)
-        # one adapter slot whose weights are swapped in place: a compiled UNet never sees a new graph.
-        # (set_adapters cannot see through torch.compile's wrapper; the scale goes in per call instead.)
-        self.pipe.load_lora_weights(state, adapter_name="slot", hotswap=self._hotswap_ready)
-        self._hotswap_ready = True
-        self._adapters = OrderedDict(slot=None)
-        self.pipe.enable_lora()
+        self._lora.activate(self._adapters[name], self.spec.lora_scale)
         self._active = name
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -143,10 +121,9 @@ class SDXLGenerator:
         return self.pipe.image_processor.postprocess(image, output_type="pt")
 
     def unload_all(self) -> None:
-        self.pipe.unload_lora_weights()
+        self._lora.deactivate()
         self._adapters.clear()
         self._active = None
-        self._hotswap_ready = False
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -169,9 +146,6 @@ class SDXLGenerator:
             s += [s[-1]] * (mb - real)
             gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in s]
             split_decode = self.pipe.vae.dtype != self.pipe.unet.dtype
-            extra = {}
-            if self.spec.lora_hotswap and self._active is not None:
-                extra["cross_attention_kwargs"] = {"scale": self.spec.lora_scale}
             res = self.pipe(
                 prompt=p,
                 negative_prompt=[self.spec.negative_prompt] * mb,
@@ -181,7 +155,6 @@ class SDXLGenerator:
                 width=self.spec.resolution,
                 generator=gens,
                 output_type="latent" if split_decode else "pt",
-                **extra,
             ).images[:real]
             imgs = (self._decode(res) if split_decode else res).float()
             ok = torch.isfinite(imgs).flatten(1).all(dim=1)
@@ -215,7 +188,7 @@ def _generator_lora_targets(model: str, variant: str | None) -> dict[str, dict[s
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from carlos_ray.lora.inspect import targets_from_modules
+    from carlos_ray.lora import targets_from_modules
 
     embedded = embedded_generator(spec.model)
     if embedded is not None:
