@@ -283,3 +283,50 @@ def test_pass_retries_resume_the_rest_and_stop_when_nothing_progresses():
 
     with pytest.raises(KeyError):  # never retried
         retry_passes(buggy, _jobs(2), 2, IndexSummary(), sleep=sleeps.append)
+
+
+def test_adaptive_job_killed_mid_round_then_resumed_equals_an_uninterrupted_run(ray_session, adaptive_setup,
+                                                                               adaptive_index, tmp_path):
+    """SIGKILL the adaptive indexing process as soon as a first round is committed for some LoRA (the others are
+    then mid-round), resume: the index equals the uninterrupted adaptive run, and no committed round is redone."""
+    import ray
+
+    from carlos_ray.indexing import IndexPlan
+
+    idx = tmp_path / "idx"
+    cmd = [sys.executable, "-m", "carlos_ray.cli", "index", "--config", str(adaptive_setup["config_path"]),
+           "--loras", str(adaptive_setup["src"]), "--index", str(idx), "--address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 900
+        while proc.poll() is None and time.time() < deadline:
+            m = json.loads((idx / "manifest.json").read_text()) if (idx / "manifest.json").exists() else {}
+            if m.get("parts", {}).get("partials"):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and time.time() >= deadline:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the job was not killed mid-run (exit {proc.returncode})"
+    snap = Index(str(idx)).snapshot()
+    done_before = {r["lora_id"]: r["n"] for r in (snap.signatures().to_pylist() if snap.signatures() else [])}
+    rounds_before: dict[str, int] = {}
+    for p in snap.table("partials").to_pylist():
+        rounds_before[p["lora_id"]] = max(rounds_before.get(p["lora_id"], 0), p["rounds_done"])
+    assert rounds_before, "no round was committed before the kill"
+
+    resumed = run_index(adaptive_setup["config"], [str(adaptive_setup["src"])], str(idx))
+    want = _rows(adaptive_index["index"])
+    got = _rows(str(idx))
+    _assert_same_signatures(got, want, set(want))
+    for lid in want:
+        assert got[lid]["n_rounds"] == want[lid]["n_rounds"]
+        for k in ("strength_se", "consistency_se", "direction_rse"):
+            assert got[lid][k] == pytest.approx(want[lid][k], abs=1e-6), (lid, k)
+    # exactly once: the resumed job generated only the samples not yet committed
+    plan = IndexPlan(adaptive_setup["config"]).rounds
+    committed = sum(done_before.values()) + sum(plan.used(r) for lid, r in rounds_before.items() if lid not in done_before)
+    assert resumed.images_generated == sum(r["n"] for r in want.values()) - committed
+    assert resumed.skipped == len(done_before)
