@@ -4,7 +4,10 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned to the builds this machine class ships (pip takes them from local disk).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup browser demo test test-all bench clean
+# Browser tests drive the OS's Chromium (Debian packages chromium + chromium-driver) through Playwright;
+# nothing is downloaded by Playwright itself. Installed with apt-get where missing (sudo only if not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/carlos-ray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,7 +16,13 @@ $(BIN)/carlos-ray: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-setup: $(BIN)/carlos-ray
+setup: $(BIN)/carlos-ray browser
+
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	fi
 
 demo: setup
 	$(BIN)/carlos-ray demo --workdir demo_out

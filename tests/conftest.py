@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# On 2 busy cores a Serve proxy can take longer than Serve's default 5 s to come up, and is then killed.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +71,80 @@ def built_index(ray_session, tiny_config, zoo_dir, tmp_path_factory):
     cfg.indexing.keep_diffs = True  # exercised here: the diffs table is checked against the directions
     summary = run_index(cfg, [str(zoo_dir), str(hostile)], str(idx))
     return {"index": str(idx), "summary": summary, "hostile": hostile, "hostile_expected": expected}
+
+
+# ---- one Ray Serve instance for the session's HTTP tests (test_serve, test_web) -------------------------
+SERVE_TOKEN_ENV = "CARLOS_RAY_TEST_SERVE_TOKEN"
+SERVE_TOKEN = "s3cret-test-token"
+REF_ENCODER = {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "openai", "dtype": "float32", "device": "cpu",
+               "micro_batch": 16, "seed": 0}
+HOSTILE_NAME = "<img src=x onerror=alert(1)>"
+HOSTILE_DESCRIPTION = ('<script>alert(2)</script><b onmouseover="alert(3)">bold</b> <a href="javascript:alert(4)">link</a>'
+                       '<iframe src="javascript:alert(5)"></iframe><svg onload=alert(6)></svg><style>body{display:none}</style>'
+                       '"><img src=x onerror=alert(7)>&lt;escaped&gt; &amp; text')
+HOSTILE_TRIGGERS = ["<svg onload=alert(8)>", '"><img src=x onerror=alert(9)>', "ok-word"]
+
+
+def _add_hostile_lora(index_dir) -> str:
+    """Commit one more LoRA whose every text field is HTML (a copy of a LoRA with a non-zero direction)."""
+    import pyarrow as pa
+
+    from carlos_ray.store import Index
+
+    index = Index(str(index_dir))
+    old = index.snapshot().signatures()
+    rows = old.to_pylist()
+    th = index.read_manifest().thresholds or {}
+    kept = [r for r in rows if 0 < r["strength"] <= th.get("max_strength", float("inf"))
+            and r["consistency"] >= th.get("min_consistency", -1.0)]  # passes the default filters: it shows in results
+    row = dict(kept[0])
+    row.update(lora_id="hostile-0001", name=HOSTILE_NAME, description=HOSTILE_DESCRIPTION, trigger_words=HOSTILE_TRIGGERS,
+               source_url="javascript:alert(10)", sha256="0" * 64)
+    with index:
+        index.commit({"signatures": pa.Table.from_pylist([row], schema=old.schema)})
+    return row["lora_id"]
+
+
+@pytest.fixture(scope="session")
+def served(ray_session, built_index, tmp_path_factory):
+    """The Serve app over HTTP on localhost, started once: a copy of the tiny built index (plus one LoRA whose
+    every text field is hostile HTML) at ``/`` and, at ``/ref``, a copy whose manifest names the ViT-B-32 ``openai``
+    encoder (not on this machine: text search answers 503, the rest works). The admin token is SERVE_TOKEN."""
+    import json
+    import shutil
+    import socket
+
+    from ray import serve
+
+    from carlos_ray.serving import ServeArgs
+    from carlos_ray.serving.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    idx, ref = root / "idx", root / "ref"
+    ignore = shutil.ignore_patterns(".writer.lock")
+    shutil.copytree(built_index["index"], idx, ignore=ignore)
+    hostile_id = _add_hostile_lora(idx)
+    shutil.copytree(idx, ref, ignore=ignore)  # the same LoRAs: /ref answers /similar exactly like /
+    manifest = json.loads((ref / "manifest.json").read_text())
+    manifest["encoder"] = REF_ENCODER
+    (ref / "manifest.json").write_text(json.dumps(manifest))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ[SERVE_TOKEN_ENV] = SERVE_TOKEN  # read by build_app in this process; the app keeps its SHA-256 only
+    # No CPU reservations: the app lives until the session ends, and later modules need Ray's 2 CPUs for indexing.
+    common = dict(poll_seconds=0.25, encoder_num_cpus=0, ranker_num_cpus=0, ingress_num_cpus=0,
+                  admin_token_env=SERVE_TOKEN_ENV, batch_wait_timeout_s=0.05, request_timeout_s=60)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run_many([  # deployed side by side
+            serve.RunTarget(build_app(ServeArgs(index=str(idx), **common)), name="carlos", route_prefix="/"),
+            serve.RunTarget(build_app(ServeArgs(index=str(ref), **common)), name="ref", route_prefix="/ref"),
+        ])
+        yield {"url": f"http://127.0.0.1:{port}", "idx": idx, "ref": ref, "hostile_id": hostile_id}
+    finally:
+        serve.shutdown()
+        os.environ.pop(SERVE_TOKEN_ENV, None)
 
 
 REFERENCE_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "carlos-ray")
@@ -139,3 +215,95 @@ def write_overflow_lora(path):
 
     w = random_weights(scale_family_target(), ("unet",), 4, 1e20, np.random.default_rng(0))
     write_lora(path, w, "diffusers")
+
+
+# ---- a real headless browser (the OS's Chromium driven by Playwright) ----------------------------------
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def chromium_executable() -> str:
+    """Chromium from the OS packages (`make browser` installs it); $CARLOS_RAY_CHROMIUM overrides the path."""
+    import shutil
+
+    return os.environ.get("CARLOS_RAY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser(ray_session):
+    """One headless Chromium for the session (Playwright gives it a fresh temporary --user-data-dir); closed at the end.
+
+    Depends on ``ray_session``: Ray must start before Playwright in this process (seen here: a local Ray
+    started after Playwright's driver times out waiting for its raylet; the other order works)."""
+    exe = chromium_executable()
+    if not os.path.isfile(exe):
+        pytest.fail(f"Chromium is not installed at {exe}; run `make browser` (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_FLAGS, timeout=60_000)
+    except Exception:
+        pw.stop()
+        raise
+    try:
+        yield b
+    finally:
+        b.close()
+        pw.stop()
+
+
+class BrowserPage:
+    """A fresh browser context and page for one test: records console errors, uncaught exceptions and dialogs.
+
+    ``shot(name)`` saves a PNG under the test's tmp_path/screenshots; ``allow(pattern)`` lets a console
+    error the test provokes on purpose (e.g. the 404 of an unknown LoRA) through. Any other error fails
+    the test at teardown."""
+
+    def __init__(self, browser, out_dir):
+        import re
+
+        self._re = re
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, java_script_enabled=True)
+        self.context.set_default_timeout(30_000)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.allowed: list = []
+        self.out_dir = out_dir
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda exc: self.errors.append(f"uncaught exception: {exc}"))
+        self.page.on("dialog", self._dialog)
+
+    def _console(self, msg) -> None:
+        if msg.type == "error" and not any(p.search(msg.text) for p in self.allowed):
+            self.errors.append(f"console.error: {msg.text} ({msg.location.get('url', '')})")
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def allow(self, pattern: str) -> None:
+        self.allowed.append(self._re.compile(pattern))
+
+    def shot(self, name: str):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def browser_page(browser, tmp_path):
+    """A page in a fresh context; the test fails on any JavaScript error or dialog (alert/confirm/prompt)."""
+    bp = BrowserPage(browser, tmp_path / "screenshots")
+    try:
+        yield bp
+    finally:
+        bp.close()
+    problems = bp.errors + [f"dialog opened: {d}" for d in bp.dialogs]
+    if problems:
+        pytest.fail("the page reported JavaScript errors or dialogs:\n" + "\n".join(problems), pytrace=False)

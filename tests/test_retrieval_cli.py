@@ -158,5 +158,6 @@ def test_serve_command_serves_until_interrupted(index, ray_session, tmp_path):
     out = "".join(lines)
     assert proc.returncode == 0, out
     assert f"at http://127.0.0.1:{port}" in out and "stopping" in out, out
+    assert f"search page: http://127.0.0.1:{port}/" in out, out
     with pytest.raises(requests.RequestException):
         requests.get(url + "/healthz", timeout=5)

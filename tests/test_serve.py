@@ -1,18 +1,16 @@
 """The Ray Serve app over real HTTP on localhost: every endpoint, every bad input, a live index swap, the 503 path.
 
-Two applications run on one Serve instance: the tiny built index at ``/`` and, at ``/ref``, a copy
-whose manifest names the ViT-B-32 ``openai`` encoder (not on this machine): text search must answer
-503 at once while ``/loras`` and ``/similar`` keep working. HTTP results are checked against the
+Two applications run on one Serve instance (the session fixture ``served`` in conftest, shared with the
+browser tests): the tiny built index at ``/`` and, at ``/ref``, a copy whose manifest names the ViT-B-32
+``openai`` encoder (not on this machine): text search must answer 503 at once while ``/loras`` and
+``/similar`` keep working. HTTP results are checked against the
 in-process Ranker + QueryEncoder.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import socket
 import threading
 import time
 from collections import Counter
@@ -27,54 +25,22 @@ from hypothesis import strategies as st
 
 from carlos_ray.config import EncoderSpec
 from carlos_ray.models.encoder import encoder_unavailable_reason
-from carlos_ray.serving import ServeArgs, load_query_encoder, load_ranker
+from carlos_ray.serving import load_query_encoder, load_ranker
 from carlos_ray.store import Index
 
-TOKEN_ENV = "CARLOS_RAY_TEST_SERVE_TOKEN"
-TOKEN = "s3cret-test-token"
-REF_ENCODER = {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "openai", "dtype": "float32", "device": "cpu",
-               "micro_batch": 16, "seed": 0}
+from tests.conftest import REF_ENCODER, SERVE_TOKEN as TOKEN, SERVE_TOKEN_ENV as TOKEN_ENV  # noqa: F401
+
 QUERIES = ["watercolor", "neon city at night", "a photo of a dog", "gothic cathedral, dramatic light"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def env(ray_session, built_index, tmp_path_factory):
-    from ray import serve
-
-    from carlos_ray.serving.app import build_app
-
-    root = tmp_path_factory.mktemp("serve")
-    idx, ref = root / "idx", root / "ref"
-    ignore = shutil.ignore_patterns(".writer.lock")
-    shutil.copytree(built_index["index"], idx, ignore=ignore)
-    shutil.copytree(built_index["index"], ref, ignore=ignore)
-    manifest = json.loads((ref / "manifest.json").read_text())
-    manifest["encoder"] = REF_ENCODER
-    (ref / "manifest.json").write_text(json.dumps(manifest))
-
-    port = free_port()
-    os.environ[TOKEN_ENV] = TOKEN  # read by build_app in this process; the app keeps its SHA-256 only
-    common = dict(poll_seconds=0.25, encoder_num_cpus=0.25, ranker_num_cpus=0.25, ingress_num_cpus=0.1,
-                  admin_token_env=TOKEN_ENV, batch_wait_timeout_s=0.05, request_timeout_s=60)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run_many([  # deployed side by side
-            serve.RunTarget(build_app(ServeArgs(index=str(idx), **common)), name="carlos", route_prefix="/"),
-            serve.RunTarget(build_app(ServeArgs(index=str(ref), **common)), name="ref", route_prefix="/ref"),
-        ])
-        ranker, manifest = load_ranker(str(idx))
-        ids = Index(str(idx)).snapshot().signatures().column("lora_id").to_pylist()
-        yield {"url": f"http://127.0.0.1:{port}", "idx": idx, "ref": ref, "ranker": ranker, "manifest": manifest,
-               "encoder": load_query_encoder(manifest), "manifest_ids": ids}
-    finally:
-        serve.shutdown()
-        os.environ.pop(TOKEN_ENV, None)
+def env(served):
+    """The session's Serve app (conftest ``served``) and the in-process ranker and encoder of its index."""
+    idx = served["idx"]
+    ranker, manifest = load_ranker(str(idx))
+    ids = Index(str(idx)).snapshot().signatures().column("lora_id").to_pylist()
+    return {**served, "ranker": ranker, "manifest": manifest.model_dump(), "encoder": load_query_encoder(manifest),
+            "manifest_ids": ids}
 
 
 def _get(env, path, **params):
@@ -446,7 +412,7 @@ def test_index_swap_under_load_fails_no_request(env):
     row = old.slice(0, 1).to_pylist()[0]
     row.update(lora_id="swapped-in", name="swapped in", direction=[-x for x in row["direction"]])
     with index:
-        index.commit({"signatures": pa.Table.from_pylist([row], schema=old.schema)}, fields={"note": "swap test"})
+        index.commit({"signatures": pa.Table.from_pylist([row], schema=old.schema)})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and _get(env, "/index").json()["version"] != v0 + 1:
         time.sleep(0.1)

@@ -125,8 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": sargs.host, "port": sargs.port})
         serve.run(build_app(sargs), name=args.name, route_prefix="/", blocking=False)
-        print(f"carlos-ray: serving {sargs.index} at http://{sargs.host}:{sargs.port} (API docs: /docs); Ctrl-C to stop",
-              flush=True)
+        base = f"http://{sargs.host}:{sargs.port}"
+        print(f"carlos-ray: serving {sargs.index} at {base}\n  search page: {base}/   index: {base}/overview   "
+              f"API docs: {base}/docs\n  Ctrl-C to stop", flush=True)
         while not stop["flag"]:
             time.sleep(0.2)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,6 +38,8 @@ from carlos_ray.serving.http_models import (
 from carlos_ray.serving.loading import resolve_index_uri
 from carlos_ray.serving.services import EncoderService, RankerService, search_body
 from carlos_ray.serving.validation import check_bearer, check_k, check_queries, check_query, check_thresholds, token_digest
+from carlos_ray.serving.web.catalog import LoraListResponse, LoraProfile
+from carlos_ray.serving.web.pages import CatalogCache, SecurityHeaders, add_page_routes
 from carlos_ray.store import Index
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ api = FastAPI(
     description="Retrieve diffusion LoRAs by what they do: text queries against CARLoS signatures. "
     "Every error is JSON {\"error\": code, \"detail\": explanation}.",
     version="0.1.0",
+    docs_url=None,  # /docs is served from the package (offline Swagger UI), see add_page_routes
+    redoc_url=None,
 )
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 403, 404, 422, 503)}
 MAX_K_DOC = "Number of results, 1 to max_k (default 100; see GET /index)."
@@ -108,6 +112,8 @@ async def _send_error(send: Any, status: int, error: str, detail: str) -> None:
 
 
 api.add_middleware(RequestLimits)
+api.add_middleware(SecurityHeaders)  # outermost: the CSP is on every answer, 413/414 included
+add_page_routes(api)  # GET / (search page), /lora, /overview, /docs and their static files
 
 
 @api.exception_handler(ServiceError)
@@ -180,6 +186,7 @@ class RankerDeployment:
 
     def __init__(self, index_uri: str, poll_seconds: float):
         self.service = RankerService.watching(index_uri, poll_seconds=poll_seconds)
+        self.catalogs = CatalogCache(index_uri)  # what the pages read, per served version
 
     def search(self, vectors: np.ndarray, k: int, max_strength: float | None, min_consistency: float | None) -> dict:
         return self.service.search(vectors, k, max_strength, min_consistency)
@@ -198,6 +205,20 @@ class RankerDeployment:
 
     def reload(self) -> dict:
         return self.service.reload()
+
+    def catalog_points(self, offset: int, limit: int) -> dict:
+        return self.catalogs.get(self.service.version()).points(offset, limit)
+
+    def catalog_profile(self, lora_id: str, max_query_chars: int) -> tuple[dict, str]:
+        catalog = self.catalogs.get(self.service.version())
+        return catalog.profile(lora_id), catalog.metadata_query(lora_id, max_query_chars)
+
+    def catalog_description_rank(self, lora_id: str, vector: np.ndarray) -> dict:
+        return self.catalogs.get(self.service.version()).description_rank(lora_id, vector)
+
+    def catalog_thumbnails(self, lora_id: str) -> tuple[bytes, int]:
+        catalog = self.catalogs.get(self.service.version())
+        return catalog.thumbnails_png(lora_id), catalog.version
 
     def __del__(self) -> None:
         service = getattr(self, "service", None)
@@ -312,6 +333,40 @@ class Ingress:
     async def reload(self, authorization: str | None = Header(None)) -> dict:
         check_bearer(authorization, self.admin_digest, self.admin_env)
         return await self._call(self.ranker.reload.remote())
+
+    # ---- what the search page reads (carlos_ray.serving.web) ----
+    @api.get("/loras", response_model=LoraListResponse, responses=ERRORS, summary="Every LoRA's strength, consistency and quadrant")
+    async def loras(
+        self,
+        offset: int = Query(0, ge=0, description="Skip this many LoRAs (name order)."),
+        limit: int = Query(1000, ge=1, le=100_000, description="At most this many LoRAs, 1 to 100000."),
+    ) -> dict:
+        return await self._call(self.ranker.catalog_points.remote(offset, limit))
+
+    @api.get("/loras/{lora_id}/profile", response_model=LoraProfile, responses=ERRORS,
+             summary="A LoRA's page data: signature, categories, near-duplicates, metadata vs behaviour")
+    async def profile(self, lora_id: str) -> dict:
+        info = await self._encoder()
+        profile, text = await self._call(self.ranker.catalog_profile.remote(lora_id, info["max_query_chars"]))
+        if not info["available"]:
+            check = {"status": "unavailable", "detail": f"Not checked: text encoding is unavailable on this server ({info['reason']})."}
+        elif not text:
+            check = {"status": "no_text", "detail": "The LoRA has no name, trigger words or description to compare with its behaviour."}
+        else:
+            try:
+                vectors = await self._encode([text])
+                check = await self._call(self.ranker.catalog_description_rank.remote(lora_id, vectors[0]))
+            except ServiceError as e:
+                check = {"status": "unavailable", "detail": f"Not checked: {e.detail}"}
+            check["query"] = text
+        return {**profile, "metadata_check": check}
+
+    @api.get("/loras/{lora_id}/thumbnails", response_class=Response, summary="Base-vs-LoRA thumbnails as one PNG",
+             responses={200: {"content": {"image/png": {}}, "description": "Base images above the LoRA's, one column per prompt."},
+                        404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def thumbnails(self, lora_id: str) -> Response:
+        png, version = await self._call(self.ranker.catalog_thumbnails.remote(lora_id))
+        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600", "ETag": f'"v{version}"'})
 
 
 # ---- builder -----------------------------------------------------------------------------------------
