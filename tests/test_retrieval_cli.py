@@ -59,7 +59,7 @@ def _same(hits, expected):
 def test_query_json_equals_in_process_search(index, capsys):
     for q in ("watercolor", "neon city at night"):
         body = _run_json(capsys, ["query", "--index", index["path"], q, "-k", "4", "--json"])
-        assert body["query"] == q and body["k"] == 4 and body["index_version"] == index["manifest"]["version"]
+        assert body["query"] == q and body["k"] == 4 and body["index_version"] == index["manifest"].version
         _same(body["hits"], index["ranker"].search(index["encoder"].encode([q])[0], k=4))
     body = _run_json(capsys, ["query", "--index", index["path"], "ink", "-k", "50", "--max-strength", "inf",
                               "--min-consistency", "0", "--json"])
