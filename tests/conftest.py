@@ -40,6 +40,24 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def encoder():
+    """The embedded tiny CLIP (seeded random weights), one per test module."""
+    from carlos_ray.config import EncoderSpec
+    from carlos_ray.models import create_encoder
+
+    return create_encoder(EncoderSpec())
+
+
+@pytest.fixture(scope="module")
+def gen(encoder):
+    """The embedded tiny SDXL generator at the tiny encoder's input size, one per test module."""
+    from carlos_ray.config import GeneratorSpec
+    from carlos_ray.models import create_generator
+
+    return create_generator(GeneratorSpec(), encoder.image_size)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from carlos_ray.config import Config

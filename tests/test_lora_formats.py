@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from carlos_ray.config import GeneratorSpec
 from carlos_ray.lora import LoraRejected, check_compatible, inspect_lora
-from carlos_ray.models import create_encoder, create_generator
+from carlos_ray.models import create_generator
 from carlos_ray.models.generator import build_tiny_sdxl_pipeline, generator_lora_targets
 from carlos_ray.signatures import PartialStats
 
@@ -63,24 +63,7 @@ OMI = {"unet": "unet.", "text_encoder": "clip_l.", "text_encoder_2": "clip_g."}
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    from carlos_ray.config import EncoderSpec
-
-    return create_encoder(EncoderSpec())
-
-
-@pytest.fixture(scope="module")
-def gen(encoder):
-    return create_generator(GeneratorSpec(), encoder.image_size)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def module_of(g, component: str, name: str) -> torch.nn.Module:

@@ -29,16 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    return create_encoder(EncoderSpec())
-
-
-@pytest.fixture(scope="module")
-def gen(encoder):
-    return create_generator(GeneratorSpec(), encoder.image_size)
-
-
-@pytest.fixture(scope="module")
 def base(gen):
     gen.activate(None)
     images, finite = gen.generate(PROMPTS, SEEDS)
