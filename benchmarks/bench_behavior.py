@@ -222,10 +222,11 @@ def part_zoo(index_uri: str, zoo_json: Path) -> dict:
     """The issue's targets on an index of the micro zoo, every tag calibration compared; tags stored with the best."""
     from carlos_ray.behavior.evaluate import evaluate, truth_from_zoo
     from carlos_ray.behavior.index import _directions, cached_tag_vectors, tag_index
+    from carlos_ray.serving.loading import load_query_encoder
     from carlos_ray.behavior.tags import TagVocabulary, tag_cache_key
     from carlos_ray.store import Index
 
-    summary = tag_index(index_uri, vocabulary="micro")  # computes (or reuses) the tag vectors with the index's encoder
+    summary = tag_index(index_uri, vocabulary="micro", load_encoder=load_query_encoder)  # computes (or reuses) the tag vectors with the index's encoder
     snap = Index(index_uri).snapshot()
     table = snap.signatures()
     vocab = TagVocabulary.from_file("micro")
@@ -252,7 +253,7 @@ def part_zoo(index_uri: str, zoo_json: Path) -> dict:
           f"{'yes' if res['targets']['scale_family'] else 'no'} |")
     print(f"\nChosen calibration (best top-1): {res['calibration']}")
     if res["calibration"] != summary["calibration"]:
-        tag_index(index_uri, vocabulary="micro", calibration=res["calibration"])
+        tag_index(index_uri, vocabulary="micro", calibration=res["calibration"], load_encoder=load_query_encoder)
     return res
 
 

@@ -15,7 +15,8 @@ from carlos_ray.behavior.index import tag_index
 from carlos_ray.behavior.tags import TagVocabulary
 from carlos_ray.cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, main
 from carlos_ray.serving import RankerService, ServiceError
-from carlos_ray.serving.loading import load_fixed_index
+from carlos_ray.serving.loading import load_query_encoder
+from carlos_ray.serving.watcher import load_fixed_index
 from carlos_ray.store import Index
 
 
@@ -116,7 +117,7 @@ def tiny_tag_index(tmp_path_factory):
 
 def test_tag_index_matches_plain_vectors_and_numpy_zscores(tiny_tag_index):
     t = tiny_tag_index
-    summary = tag_index(t["path"], vocabulary="micro")
+    summary = tag_index(t["path"], vocabulary="micro", load_encoder=load_query_encoder)
     assert summary["vectors_cached"] is False and summary["calibration"] == "zscore" and summary["loras"] == 40
     snap = Index(t["path"]).snapshot()
     stored = {r["lora_id"]: r for r in snap.table("tags").to_pylist()}
@@ -138,7 +139,7 @@ def test_tag_index_matches_plain_vectors_and_numpy_zscores(tiny_tag_index):
 
 def test_tags_in_lora_search_filter_and_errors(tiny_tag_index):
     t = tiny_tag_index
-    tag_index(t["path"], vocabulary="micro")
+    tag_index(t["path"], vocabulary="micro", load_encoder=load_query_encoder)
     service = RankerService(load_fixed_index(t["path"]))
     stored = {r["lora_id"]: r for r in Index(t["path"]).snapshot().table("tags").to_pylist()}
     for i in t["ids"]:

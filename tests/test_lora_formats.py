@@ -596,3 +596,37 @@ def test_pretrained_directory_generator_applies_the_same_updates(corpus, encoder
         local.activate(name, str(path))
         _check_applied(local, expected)
     local.activate(None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the Ray index job: every format indexed (never load_failed), same-adapter signatures equal
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_the_index_job_indexes_every_format_with_equal_signatures(ray_session, tiny_config, corpus, tmp_path):
+    import shutil
+
+    from carlos_ray.indexing import run_index
+    from carlos_ray.store import Index
+
+    src = tmp_path / "loras"
+    src.mkdir()
+    for name in LEAN:
+        shutil.copy(corpus[name][0], src / f"{name}.safetensors")
+    summary = run_index(tiny_config, [str(src)], str(tmp_path / "idx"))
+    assert summary.rejects == [] and summary.indexed == len(LEAN), summary.rejects
+    rows = {Path(r["source_path"]).stem: r for r in Index(str(tmp_path / "idx")).snapshot().signatures().to_pylist()}
+    assert sorted(rows) == sorted(LEAN)
+
+    def close(a: dict, b: dict, rtol: float) -> bool:
+        da, db = np.asarray(a["direction"], np.float64), np.asarray(b["direction"], np.float64)
+        return (np.abs(da - db).max() <= rtol * np.abs(da).max() and abs(a["strength"] - b["strength"]) <= rtol * a["strength"]
+                and abs(a["consistency"] - b["consistency"]) <= rtol * max(abs(a["consistency"]), 1e-12))
+
+    for name in LEAN:
+        group = corpus[name][1]
+        ref = rows[REFERENCE[group]]
+        assert ref["strength"] > 0.01, REFERENCE[group]
+        assert close(ref, rows[name], 1e-6 if group != "dense" else 1e-4), f"{name} vs {REFERENCE[group]} in the index"
+    # and different adapters do differ (the comparison can fail)
+    assert not close(rows["kohya"], rows["attn-peft"], 1e-3)

@@ -11,9 +11,11 @@ rows at a time and never as an N×N matrix.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 
-__all__ = ["unit_rows"]
+__all__ = ["connected_components", "included_unit_rows", "unit_rows"]
 
 
 def unit_rows(directions: np.ndarray, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -39,3 +41,37 @@ def unit_rows(directions: np.ndarray, dtype: type = np.float32) -> tuple[np.ndar
         out[s : s + block] = b
         valid[s : s + block] = finite & (norm[:, 0] > 0)
     return out, valid
+
+
+def included_unit_rows(directions: np.ndarray, include: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`unit_rows`, with the valid mask further restricted to ``include`` (bool, N) when given."""
+    unit, valid = unit_rows(directions)
+    if include is not None:
+        include = np.asarray(include, dtype=bool)
+        if include.shape != valid.shape:
+            raise ValueError(f"include must have shape {valid.shape}, got {include.shape}")
+        valid &= include
+    return unit, valid
+
+
+def connected_components(pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """The connected components of the graph with these edges (nodes that appear in no pair are not
+    listed): each component sorted, components ordered by their smallest member. Union-find with path
+    halving; the smaller root wins, so the result does not depend on the order of the pairs."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[int, list[int]] = {}
+    for x in list(parent):
+        members.setdefault(find(x), []).append(x)
+    return sorted((sorted(m) for m in members.values()), key=lambda m: m[0])

@@ -26,7 +26,7 @@ from typing import Iterable
 
 import numpy as np
 
-from carlos_ray.behavior import unit_rows
+from carlos_ray.behavior import connected_components, included_unit_rows, unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +197,7 @@ def behavioural_duplicates(
     strengths = np.asarray(strengths, dtype=np.float64)
     if directions.ndim != 2 or strengths.shape != (directions.shape[0],):
         raise ValueError(f"directions must be (N, d) and strengths (N,); got {directions.shape} and {strengths.shape}")
-    unit, valid = unit_rows(directions)
-    if include is not None:
-        include = np.asarray(include, dtype=bool)
-        if include.shape != valid.shape:
-            raise ValueError(f"include must have shape {valid.shape}, got {include.shape}")
-        valid &= include
+    unit, valid = included_unit_rows(directions, include)
     unit[~valid] = 0.0
     scan = min(min_cosine, fam_cos)
     i, j, _, capped = parallel_pairs(unit, scan, max_neighbors=max_neighbors, block_rows=block_rows)
@@ -225,29 +220,14 @@ def behavioural_duplicates(
 
 def _families(i: np.ndarray, j: np.ndarray, cos: np.ndarray, strengths: np.ndarray, min_ratio: float) -> list[ScaleFamily]:
     """Connected components of the parallel graph whose strengths span more than 1 / min_ratio."""
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in zip(i.tolist(), j.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    comps: dict[int, list[int]] = {}
-    for x in list(parent):
-        comps.setdefault(find(x), []).append(x)
-    root_of = {x: find(x) for x in parent}
+    comps = connected_components(zip(i.tolist(), j.tolist()))
+    comp_of = {x: k for k, members in enumerate(comps) for x in members}
     min_cos: dict[int, float] = {}
     for a, c in zip(i.tolist(), cos.tolist()):
-        r = root_of[a]
-        min_cos[r] = min(min_cos.get(r, 1.0), c)
+        k = comp_of[a]
+        min_cos[k] = min(min_cos.get(k, 1.0), c)
     families = []
-    for root, members in comps.items():
+    for root, members in enumerate(comps):
         s = strengths[members]
         if len(members) < 2 or not np.isfinite(s).all():
             continue

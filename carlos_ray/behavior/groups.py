@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from carlos_ray.behavior import unit_rows
+from carlos_ray.behavior import included_unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +139,7 @@ def group_directions(
         raise ValueError(f"max_distance must be a cosine distance in (0, 2], got {max_distance!r}")
     if distance_threshold is not None and not (0.0 < float(distance_threshold) < 2.0):
         raise ValueError(f"distance_threshold must be a cosine distance in (0, 2), got {distance_threshold!r}")
-    unit, valid = unit_rows(directions)
-    if include is not None:
-        include = np.asarray(include, dtype=bool)
-        if include.shape != valid.shape:
-            raise ValueError(f"include must have shape {valid.shape}, got {include.shape}")
-        valid &= include
+    unit, valid = included_unit_rows(directions, include)
     pool = np.flatnonzero(valid)
     n_all = unit.shape[0]
     labels = np.full(n_all, -1, dtype=np.int64)

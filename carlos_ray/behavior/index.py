@@ -15,7 +15,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -78,14 +78,15 @@ def tag_index(
     vocabulary: str | None = None,
     calibration: str = DEFAULT_CALIBRATION,
     encoder: Any = None,
-    device: str | None = None,
-    allow_download: bool = False,
+    load_encoder: Callable[[Any], Any] | None = None,
     **settings: Any,
 ) -> dict:
     """Tag every LoRA of the index and store the tags (and the cached tag vectors) in it.
 
-    ``encoder`` defaults to the index's own query encoder (:func:`carlos_ray.serving.loading.load_query_encoder`,
-    which raises ``EncoderUnavailable`` when its weights are not on this machine). ``settings`` go
+    The tag vectors come from the index's cache, else from ``encoder``, else from
+    ``load_encoder(manifest)`` (called only when needed; the service layer passes
+    :func:`carlos_ray.serving.loading.load_query_encoder`, which raises ``EncoderUnavailable`` when
+    the weights are not on this machine). ``settings`` go
     to :func:`~carlos_ray.behavior.tags.assign_tags` (``max_tags``, ``z_min``, ``margin``, ``min_cosine``)."""
     from carlos_ray.store import Index
 
@@ -101,9 +102,10 @@ def tag_index(
     cached = vectors is not None
     if vectors is None:
         if encoder is None:
-            from carlos_ray.serving.loading import load_query_encoder
-
-            encoder = load_query_encoder(manifest, device=device, allow_download=allow_download)
+            if load_encoder is None:
+                raise ValueError(f"index {index_uri} has no cached vectors for the {vocab.name!r} tag vocabulary "
+                                 "and no query encoder was given to compute them")
+            encoder = load_encoder(manifest)
         vectors = tag_vectors(encoder, vocab.tags)
     ids = table["lora_id"].to_pylist()
     directions = _directions(table)

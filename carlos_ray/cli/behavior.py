@@ -11,7 +11,7 @@ from carlos_ray.cli.common import EXIT_OK, EXIT_REJECTED, UsageError, table as _
 
 def _service(index: str):
     from carlos_ray.serving import RankerService
-    from carlos_ray.serving.loading import load_fixed_index
+    from carlos_ray.serving.watcher import load_fixed_index
     from carlos_ray.store import IndexError_
 
     try:
@@ -28,6 +28,7 @@ def cmd_tags(args: argparse.Namespace) -> int:
     from carlos_ray.behavior.index import tag_index
     from carlos_ray.behavior.tags import CALIBRATIONS
     from carlos_ray.serving import EncoderUnavailable, ServiceError
+    from carlos_ray.serving.loading import load_query_encoder
 
     if args.calibration is not None and args.calibration not in CALIBRATIONS:
         raise UsageError(f"--calibration must be one of {list(CALIBRATIONS)}, got {args.calibration!r}")
@@ -39,7 +40,8 @@ def cmd_tags(args: argparse.Namespace) -> int:
         settings = {k: v for k, v in (("max_tags", args.max_tags), ("z_min", args.z_min), ("margin", args.margin)) if v is not None}
         try:
             summary = tag_index(args.index, vocabulary=wanted["vocabulary"], calibration=wanted["calibration"] or "zscore",
-                                device=args.device, allow_download=args.allow_download, **settings)
+                                load_encoder=lambda m: load_query_encoder(m, device=args.device, allow_download=args.allow_download),
+                                **settings)
         except EncoderUnavailable as e:
             print(f"carlos-ray: error: cannot encode text queries for this index: {e}", file=sys.stderr)
             return EXIT_REJECTED

@@ -16,7 +16,7 @@ HIT_COLUMNS = ["rank", "lora_id", "score", "strength", "consistency", "name"]
 
 def _load_ranker(index: str):
     """(ranker, manifest, FixedIndex) of one snapshot of the index (its tags and exact copies included)."""
-    from carlos_ray.serving.loading import load_fixed_index
+    from carlos_ray.serving.watcher import load_fixed_index
     from carlos_ray.store import IndexError_
 
     try:
@@ -86,7 +86,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
     from carlos_ray.serving import RankerService, ServiceError, SimilarResponse
 
     k, ms, mc = _checked(args)
-    _, _, fixed = _load_ranker(args.index)
+    ranker, _, fixed = _load_ranker(args.index)
     service = RankerService(fixed)
     try:
         result = SimilarResponse(**service.similar(args.lora_id, k, ms, mc))

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from carlos_ray.lora.formats import COMPONENTS, LoraModule
 from carlos_ray.lora.header import LoraRejected
+from carlos_ray.lora.info import LoraInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-    from carlos_ray.lora.inspect import LoraInfo
 
 Targets = Mapping[str, Mapping[str, tuple[int, int]]]
 
@@ -70,7 +69,7 @@ def _generator_family(targets: Targets) -> tuple[str, str]:
     return "single-encoder", f"one text encoder, {ctx_txt}"
 
 
-def _check_family(info: "LoraInfo", targets: Targets) -> None:
+def _check_family(info: LoraInfo, targets: Targets) -> None:
     """wrong_base for another family; shape_mismatch for the same family at another size (e.g. full SDXL on tiny)."""
     gen_family, gen_evidence = _generator_family(targets)
     path = info.path
@@ -206,7 +205,7 @@ def shape_fits(m: LoraModule, want: tuple[int, int]) -> bool:
     return rem == 0 and math.isqrt(ratio) ** 2 == ratio
 
 
-def check_compatible(info: "LoraInfo", targets: Targets) -> None:
+def check_compatible(info: LoraInfo, targets: Targets) -> None:
     """Raise LoraRejected unless every LoRA module maps onto a generator module of the same shape.
 
     See :func:`match_modules`, which this calls and which also returns the mapping.
@@ -214,7 +213,7 @@ def check_compatible(info: "LoraInfo", targets: Targets) -> None:
     match_modules(info, targets)
 
 
-def match_modules(info: "LoraInfo", targets: Targets) -> dict[str, str]:
+def match_modules(info: LoraInfo, targets: Targets) -> dict[str, str]:
     """{LoRA module key: "component.module"} for a compatible LoRA; raise LoraRejected otherwise.
 
     Dotted (peft/diffusers) names must equal a module name; flat (kohya, OMI) names match a module whose

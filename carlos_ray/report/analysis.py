@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from carlos_ray.behavior import connected_components
 from carlos_ray.store import Manifest
 from carlos_ray.thresholds import Thresholds, resolve_thresholds
 
@@ -87,22 +88,7 @@ def near_duplicate_groups(
         close = np.abs(s[rows] - s[cols]) <= strength_tolerance * np.maximum(np.abs(s[rows]), np.abs(s[cols]))
         for i, j in zip(rows[close].tolist(), cols[close].tolist()):
             edges.append((i, j, float(min(cos[i - start, j], 1.0))))
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j, _ in edges:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    members: dict[int, list[int]] = {}
-    for i in range(n):
-        members.setdefault(find(i), []).append(i)
-    groups = sorted((sorted(g) for g in members.values() if len(g) > 1), key=lambda g: g[0])
+    groups = [g for g in connected_components((a, b) for a, b, _ in edges) if len(g) > 1]
     return groups, edges
 
 

@@ -25,9 +25,10 @@ from carlos_ray.serving.loading import (
 )
 from carlos_ray.serving.services import EncoderService, RankerService, search_body
 from carlos_ray.serving.validation import check_k, check_queries, check_query, check_thresholds
-from carlos_ray.serving.watcher import FixedIndex, IndexWatcher
+from carlos_ray.serving.watcher import FixedIndex, IndexWatcher, load_fixed_index
 
 __all__ = [
+    "load_fixed_index",
     "ADMIN_TOKEN_ENV", "DEFAULT_MAX_BATCH_QUERIES", "DEFAULT_MAX_K", "EncoderService", "EncoderUnavailable", "FixedIndex",
     "IndexWatcher", "RankerService", "SearchResponse", "ServeArgs", "ServiceError", "SimilarResponse", "check_k",
     "check_queries", "check_query", "check_thresholds", "encoder_spec_from_manifest",

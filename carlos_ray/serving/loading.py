@@ -17,7 +17,6 @@ from carlos_ray.store import Index, IndexError_, Manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     from carlos_ray.query import QueryEncoder
-    from carlos_ray.serving.watcher import FixedIndex
 
 
 def resolve_index_uri(uri: str) -> str:
@@ -38,14 +37,6 @@ def load_ranker(index_uri: str) -> tuple[Ranker, Manifest]:
     """A Ranker over one consistent snapshot of the index (manifest thresholds as default filters) and its manifest."""
     snap = Index(index_uri).snapshot()
     return ranker_from_snapshot(snap, index_uri), snap.manifest
-
-
-def load_fixed_index(index_uri: str) -> "FixedIndex":
-    """One consistent snapshot of the index as a FixedIndex: its ranker, manifest, tags and exact copies."""
-    from carlos_ray.serving.watcher import FixedIndex
-
-    snap = Index(index_uri).snapshot()
-    return FixedIndex(ranker_from_snapshot(snap, index_uri), snap.manifest, snap)
 
 
 def encoder_spec_from_manifest(manifest: Manifest, device: str | None = None) -> EncoderSpec:

@@ -126,3 +126,9 @@ class FixedIndex:
 
     def refresh(self, force: bool = False) -> bool:
         return False
+
+
+def load_fixed_index(index_uri: str) -> FixedIndex:
+    """One consistent snapshot of the index as a FixedIndex: its ranker, manifest, tags and exact copies."""
+    snap = Index(index_uri).snapshot()
+    return FixedIndex(ranker_from_snapshot(snap, index_uri), snap.manifest, snap)

@@ -54,9 +54,10 @@ def clip_zero_shot(model, tokenizer, n: int = 300, seed: int = 1234) -> dict[str
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     rng = np.random.default_rng(seed)
     out = {}
-    for fam in ("colour", "shape", "style"):
+    for k, fam in enumerate(("colour", "shape", "style")):
         kw = {"styles": COLOUR_KEEPING} if fam == "colour" else {}
-        scenes = held_out_scenes(n, seed + hash(fam) % 997, p_style=0.85 if fam == "style" else 0.5, **kw)
+        # a fixed seed per family (str hash() is salted per process)
+        scenes = held_out_scenes(n, seed + 101 * (k + 1), p_style=0.85 if fam == "style" else 0.5, **kw)
         imgs = torch.from_numpy(np.stack([R.render(s, rng=rng) for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
         feats = model.encode_image((imgs - mean) / std, normalize=True)
         tmpl = zero_shot_templates(fam)

@@ -47,15 +47,6 @@ _SEPIA_DIR = np.array([1.0, 0.89, 0.69], np.float32) - np.mean([1.0, 0.89, 0.69]
 _SEPIA_DIR /= np.linalg.norm(_SEPIA_DIR)
 
 
-def crop_resize(mask: np.ndarray, size: int = 16) -> np.ndarray:
-    """A boolean mask cropped to its bounding box and resized to size x size (float in [0, 1])."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return np.zeros((size, size), np.float32)
-    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8) * 255
-    return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
-
-
 def _to32(img: np.ndarray) -> np.ndarray:
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
@@ -190,7 +181,7 @@ def judge(img: np.ndarray) -> dict:
 
     shape = None
     if filled.sum() >= 12:
-        crop = crop_resize(filled, 16)
+        crop = R.crop_resize(filled, 16)
         ious = {}
         for s in R.SHAPES:
             t = R.shape_template(s)

@@ -285,6 +285,13 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
 @functools.lru_cache(maxsize=64)
 def shape_template(shape: str, size: int = 16) -> np.ndarray:
     """A shape's mask cropped to its bounding box and resized to size x size (for the oracle)."""
-    from carlos_ray.world.oracle import crop_resize
-
     return crop_resize(shape_mask(shape, 64, 0.42) > 0.5, size)
+
+
+def crop_resize(mask: np.ndarray, size: int = 16) -> np.ndarray:
+    """A boolean mask cropped to its bounding box and resized to size x size (float in [0, 1])."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return np.zeros((size, size), np.float32)
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8) * 255
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0

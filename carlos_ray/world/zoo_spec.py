@@ -26,7 +26,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from carlos_ray.world.zoo_train import TrainSettings
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How one LoRA is trained; `components` picks the UNet, the text encoders, or both."""
+
+    steps: int = 160
+    batch_size: int = 32
+    lr: float = 2e-3
+    rank: int = 4
+    alpha: float = 4.0
+    pool: int = 512
+    caption_dropout: float = 0.1
+    components: tuple[str, ...] = ("unet",)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = set(self.components) - {"unet", "text_encoders"}
+        if bad or not self.components:
+            raise ValueError(f"components must be a non-empty subset of ('unet', 'text_encoders'), got {self.components}")
+        for name in ("steps", "batch_size", "rank", "pool"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 
 Role = Literal["style", "content", "overpowering", "erratic", "weak", "near_duplicate", "scale_family", "noop", "text_encoder"]
 MetadataKind = Literal["honest", "misleading", "foreign", "empty"]

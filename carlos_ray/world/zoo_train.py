@@ -19,12 +19,13 @@ import json
 import logging
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from carlos_ray.world.zoo_spec import Behaviour, Run, TrainSettings, shipped_spec, shipped_zoo_dir
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +37,6 @@ ADAPTER = "zoo"
 Weights = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
 # n, numpy Generator -> (captions, uint8 images (n, H, W, 3)): the planted behaviour's training pairs
 PairSource = Callable[[int, np.random.Generator], tuple[list[str], np.ndarray]]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How one LoRA is trained; `components` picks the UNet, the text encoders, or both."""
-
-    steps: int = 160
-    batch_size: int = 32
-    lr: float = 2e-3
-    rank: int = 4
-    alpha: float = 4.0
-    pool: int = 512
-    caption_dropout: float = 0.1
-    components: tuple[str, ...] = ("unet",)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        bad = set(self.components) - {"unet", "text_encoders"}
-        if bad or not self.components:
-            raise ValueError(f"components must be a non-empty subset of ('unet', 'text_encoders'), got {self.components}")
-        for name in ("steps", "batch_size", "rank", "pool"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -442,7 +420,6 @@ def _job_to_json(job: dict) -> dict:
 
 
 def _job_from_json(d: dict) -> dict:
-    from carlos_ray.world.zoo_spec import Behaviour, Run
 
     r = d["run"]
     settings = TrainSettings(**{**r["settings"], "components": tuple(r["settings"]["components"])})
@@ -546,7 +523,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m carlos_ray.world.zoo_train`: re-make the shipped micro zoo (what `make zoo` runs)."""
     import argparse
 
-    from carlos_ray.world.zoo_spec import shipped_spec, shipped_zoo_dir
 
     p = argparse.ArgumentParser(prog="python -m carlos_ray.world.zoo_train", description=main.__doc__)
     p.add_argument("--out", default=str(shipped_zoo_dir()), help="zoo directory (default: the package's shipped zoo)")
