@@ -233,7 +233,7 @@ def part_zoo(index_uri: str, zoo_json: Path) -> dict:
     vectors = cached_tag_vectors(snap, tag_cache_key(vocab, snap.manifest), vocab)
     ids = table["lora_id"].to_pylist()
     s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
-    th = snap.manifest.get("thresholds") or {}
+    th = dict(snap.manifest.thresholds or {})
     inside = (s <= (th.get("max_strength") or np.inf)) & (c >= (th.get("min_consistency") or -np.inf))
     truth = truth_from_zoo(json.loads(Path(zoo_json).read_text()), ids)
     res = evaluate(ids, _directions(table), s, vectors, vocab.tags, truth, include=inside)

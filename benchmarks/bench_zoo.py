@@ -53,7 +53,7 @@ def _reading(j: dict) -> tuple:
     return tuple(j["styles"]), j["shape"], j["colour"], j["background"]
 
 
-def measure_effects(config: str, seeds: int) -> tuple[list[dict], dict]:
+def measure_effects(config: str, seeds: int, zoo_dir: str | None = None) -> tuple[list[dict], dict]:
     from carlos_ray.config import Config
     from carlos_ray.models.generator import SDXLGenerator
     from carlos_ray.prompts import load_prompt_set
@@ -61,7 +61,7 @@ def measure_effects(config: str, seeds: int) -> tuple[list[dict], dict]:
     from carlos_ray.world.zoo_spec import shipped_zoo_dir
 
     cfg = Config.from_file(config)
-    zoo = shipped_zoo_dir()
+    zoo = Path(zoo_dir) if zoo_dir else shipped_zoo_dir()
     members = json.loads((zoo / "zoo.json").read_text())["members"]
     held = load_prompt_set("conf/prompts/micro_heldout_prompts.yaml")
     index_prompts = {p.text for p in load_prompt_set(cfg.sampling.prompts).prompts}
@@ -97,12 +97,12 @@ def measure_effects(config: str, seeds: int) -> tuple[list[dict], dict]:
     return rows, info
 
 
-def measure_queries(index: str, config: str) -> tuple[list[dict], dict]:
+def measure_queries(index: str, config: str, zoo_dir: str | None = None) -> tuple[list[dict], dict]:
     from carlos_ray.serving import load_query_encoder, load_ranker
     from carlos_ray.world.render import STYLES
     from carlos_ray.world.zoo_spec import shipped_zoo_dir
 
-    zoo = shipped_zoo_dir()
+    zoo = Path(zoo_dir) if zoo_dir else shipped_zoo_dir()
     if not Path(index).exists():
         from carlos_ray.config import Config
         from carlos_ray.indexing import run_index
@@ -134,6 +134,7 @@ def main() -> int:
     p.add_argument("--config", default="conf/micro.yaml")
     p.add_argument("--index", default="demo_out/index", help="the demo index (built from the shipped zoo if missing)")
     p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--zoo", default=None, help="a micro zoo directory with zoo.json (default: the shipped zoo)")
     p.add_argument("--out", default=None, help="write the measurements as JSON here")
     p.add_argument("--skip-effects", action="store_true")
     p.add_argument("--skip-queries", action="store_true")
@@ -143,14 +144,14 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     result: dict = {}
     if not args.skip_effects:
-        rows, info = measure_effects(args.config, args.seeds)
+        rows, info = measure_effects(args.config, args.seeds, args.zoo)
         print(f"\nPer-LoRA effect on held-out prompts ({info['prompts']} prompts x {info['seeds']} seeds; oracle fraction "
               f"showing the planted attribute with / without the LoRA)")
         print(_table(rows, ["name", "role", "behaviour", "scale", "with", "without", "effect", "changed", "pixel_change",
                             "distinct_readings"]))
         result["effects"] = {"rows": rows, **info}
     if not args.skip_queries:
-        rows, info = measure_queries(args.index, args.config)
+        rows, info = measure_queries(args.index, args.config, args.zoo)
         print(f"\nquery WORD -k 1 on {info['index']} ({info['loras']} LoRAs, filters {info['thresholds']}): "
               f"top-1 accuracy {info['top1_accuracy']:.2f}")
         print(_table(rows, ["word", "top1", "score", "planted", "planted_rank"]))

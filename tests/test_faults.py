@@ -33,6 +33,8 @@ KILL_SEED = 20261125
 
 def _rows(index: str) -> dict[str, dict]:
     t = Index(index).snapshot().signatures()
+    if t is None:  # an index that holds no signature yet (e.g. killed after its base images were committed)
+        return {}
     ids = t.column("lora_id").to_pylist()
     assert len(ids) == len(set(ids)), "a LoRA appears twice in the index"
     return {r["lora_id"]: r for r in t.to_pylist()}

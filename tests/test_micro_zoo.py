@@ -1,0 +1,119 @@
+"""The shipped micro zoo, indexed through Ray Data with conf/micro.yaml (the demo's index): does carlos-ray find
+the LoRA that does what the query says? Truth comes from zoo.json (what each LoRA was trained to do), never
+from the code under test.
+
+Floors are set from the full measured runs (benchmarks/bench_zoo.py, bench_eval.py, bench_behavior.py on this
+index; the numbers are in docs/EVALUATION.md and docs/BEHAVIOR.md) with a margin, so a regression in the query
+encoder, the ranker, the filters or the tags fails here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+#: measured on this index: 12 of 12 style words find a LoRA planted with them at top-1 (bench_zoo.py)
+WORD_TOP1_FLOOR = 0.9
+#: measured CARLoS P@1 over the micro queries (bench_eval.py); floor = measured minus a margin
+CARLOS_P1_FLOOR = 0.6
+
+
+@pytest.fixture(scope="module")
+def micro(ray_session, tmp_path_factory):
+    from carlos_ray.config import Config
+    from carlos_ray.indexing import run_index
+    from carlos_ray.world.zoo_spec import shipped_zoo_dir
+
+    zoo = shipped_zoo_dir()
+    idx = tmp_path_factory.mktemp("micro") / "idx"
+    summary = run_index(Config.from_file("conf/micro.yaml"), [str(zoo)], str(idx))
+    members = json.loads((zoo / "zoo.json").read_text())["members"]
+    return {"index": str(idx), "zoo": zoo, "summary": summary, "members": members,
+            "by_id": {m["sha256"][:16]: m for m in members}}
+
+
+def test_every_zoo_lora_is_indexed(micro):
+    s = micro["summary"]
+    assert s.rejects == [] and s.indexed == len(micro["members"]), s.rejects
+
+
+def test_style_words_find_their_planted_lora(micro):
+    from carlos_ray.serving import load_query_encoder, load_ranker
+    from carlos_ray.world.render import STYLES
+
+    ranker, manifest = load_ranker(micro["index"])
+    enc = load_query_encoder(manifest)
+    rows = []
+    for word in STYLES:
+        hits = ranker.search(enc.encode_one(word), k=1)
+        top = micro["by_id"][hits[0].lora_id] if hits else {}
+        rows.append((word, top.get("name"), top.get("planted") == word))
+    print(rows)
+    assert np.mean([ok for *_, ok in rows]) >= WORD_TOP1_FLOOR, rows
+
+
+def test_overpowering_and_erratic_loras_fall_outside_the_default_filters(micro):
+    from carlos_ray.serving import load_ranker
+
+    ranker, manifest = load_ranker(micro["index"])
+    th = manifest.thresholds
+    for lid, m in micro["by_id"].items():
+        if m["role"] in ("overpowering", "erratic"):
+            row = ranker.get(lid)
+            outside = row["strength"] > th["max_strength"] or row["consistency"] < th["min_consistency"]
+            assert outside, (m["name"], row["strength"], row["consistency"], th)
+
+
+def test_carlos_p_at_1_stays_above_its_floor_and_beats_the_metadata_baselines(micro):
+    from carlos_ray.evaluation.micro import micro_queries
+    from carlos_ray.evaluation.run import EvalSpec, run_eval
+
+    queries = micro_queries(micro["zoo"])
+    assert len(queries.positives) >= 100
+    spec = EvalSpec(judges=[], retrievers=["carlos", "bm25-metadata", "dense-metadata"])
+    result = run_eval(micro["index"], queries, spec)
+    p1 = {r["retriever"]: r["P@1"] for r in result["rows"]}
+    # an independent P@1: the fraction of positive queries whose top LoRA zoo.json says is relevant
+    tops = {q["query"]: q["top"] for q in result["per_query"]["carlos"]}
+    naive = np.mean([bool(tops[q.id]) and q.relevance.get(tops[q.id][0], 0) > 0 for q in queries.positives])
+    assert p1["carlos"] == pytest.approx(naive)
+    print(p1)
+    assert p1["carlos"] >= CARLOS_P1_FLOOR
+    assert p1["carlos"] > p1["bm25-metadata"] and p1["carlos"] > p1["dense-metadata"]
+
+
+def test_tags_groups_and_duplicates_match_the_planted_truth(micro, tmp_path):
+    import shutil
+
+    from carlos_ray.behavior.evaluate import evaluate, truth_from_zoo
+    from carlos_ray.behavior.index import _directions, cached_tag_vectors, tag_index
+    from carlos_ray.behavior.tags import TagVocabulary, tag_cache_key
+    from carlos_ray.serving.loading import load_query_encoder
+    from carlos_ray.store import Index
+
+    idx = tmp_path / "idx"
+    shutil.copytree(micro["index"], idx)  # tagging commits to the index; the module's copy stays as indexed
+    tag_index(str(idx), vocabulary="micro", load_encoder=load_query_encoder)
+    snap = Index(str(idx)).snapshot()
+    table = snap.signatures()
+    vocab = TagVocabulary.from_file("micro")
+    vectors = cached_tag_vectors(snap, tag_cache_key(vocab, snap.manifest), vocab)
+    ids = table["lora_id"].to_pylist()
+    s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
+    th = snap.manifest.thresholds
+    inside = (s <= th["max_strength"]) & (c >= th["min_consistency"])
+    doc = json.loads((micro["zoo"] / "zoo.json").read_text())
+    res = evaluate(ids, _directions(table), s, vectors, vocab.tags, truth_from_zoo(doc, ids), include=inside)
+    print(json.dumps({k: res[k] for k in ("targets", "groups")}, default=str))
+    d = res["duplicates"]
+    assert d["planted_found"] == d["planted_pairs"] >= 1 and not d["different_behaviour_pairs"], d
+    assert res["targets"]["scale_family"], d
+    assert res["tags"][res["calibration"]]["top1_accuracy"] >= TAG_TOP1_FLOOR, res["tags"]
+    assert res["groups"]["ari"] >= ARI_FLOOR, res["groups"]
+
+
+#: measured on this index (bench_behavior.py --zoo-only); floors = measured minus a margin
+TAG_TOP1_FLOOR = 0.8
+ARI_FLOOR = 0.5
