@@ -109,9 +109,11 @@ def calibrate_thresholds(strength: Any, consistency: Any) -> dict[str, Any]:
     Rule: the paper's ``max_strength = 9.8`` keeps 719/740 (97.2%) of the published reference
     LoRAs and ``min_consistency = 0.041`` keeps 536/740 (72.4%). On a new index (other encoder,
     generator or prompt set, where the feature scale differs) we keep the same fractions:
-    ``max_strength`` is the smallest observed strength ``t`` with ``#(strength <= t) >= f_s n``,
-    ``min_consistency`` the largest observed consistency ``t`` with ``#(consistency >= t) >= f_c n``
-    (order statistics, so on the reference itself they keep exactly 719 and 536 LoRAs).
+    each keeps the count of LoRAs nearest to its fraction, ``round(f n)`` (at least 1): ``max_strength``
+    is the ``round(f_s n)``-th smallest strength, ``min_consistency`` the ``round(f_c n)``-th largest
+    consistency (order statistics, so on the reference itself they keep exactly 719 and 536 LoRAs).
+    Nearest, not "at least": on a small index (23 LoRAs keep 22.3 by strength) rounding up would keep
+    every LoRA and filter nothing.
     Non-finite values are ignored; raises ``ValueError`` if nothing finite is left.
     """
     result: dict[str, Any] = {}
@@ -123,7 +125,7 @@ def calibrate_thresholds(strength: Any, consistency: Any) -> dict[str, Any]:
         arr = np.sort(arr[np.isfinite(arr)])
         if arr.size == 0:
             raise ValueError(f"cannot calibrate {key}: no finite values among {np.size(values)} given")
-        count = math.ceil(keep * arr.size - 1e-9)  # rows to keep, at least 1
+        count = math.floor(keep * arr.size + 0.5 + 1e-9)  # rows to keep: the nearest count, at least 1
         count = min(max(count, 1), arr.size)
         result[key] = float(arr[count - 1] if key == "max_strength" else arr[arr.size - count])
     result["source"] = "calibrated"

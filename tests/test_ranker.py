@@ -284,7 +284,9 @@ def test_calibrate_thresholds_keeps_paper_fractions():
     assert out["source"] == "calibrated" and "paper" in out["rule"]
     kept_s = int(np.sum(strength <= out["max_strength"]))
     kept_c = int(np.sum(consistency >= out["min_consistency"]))
-    assert kept_s == math.ceil(719 / 740 * 1000) and out["max_strength"] in strength
-    assert kept_c == math.ceil(536 / 740 * 1000) and out["min_consistency"] in consistency
+    assert kept_s == round(719 / 740 * 1000) and out["max_strength"] in strength
+    assert kept_c == round(536 / 740 * 1000) and out["min_consistency"] in consistency
+    small = calibrate_thresholds(strength[:23], consistency[:23])  # 22.35 and 16.66 LoRAs: keep 22 and 17
+    assert np.sum(strength[:23] <= small["max_strength"]) == 22 and np.sum(consistency[:23] >= small["min_consistency"]) == 17
     with pytest.raises(ValueError, match="no finite values"):
         calibrate_thresholds([np.nan], [0.1])
