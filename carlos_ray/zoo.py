@@ -71,7 +71,7 @@ def random_weights(
     out: Weights = {}
     for comp in components:
         out[comp] = {}
-        for name, (o, i) in targets[comp].items():
+        for name, (o, i, *_) in targets[comp].items():  # a conv target also carries its kernel: a 2-D LoRA is 1x1
             down = (rng.standard_normal((rank, i)) / np.sqrt(i)).astype(np.float32)
             up = (rng.standard_normal((o, rank)) * magnitude / np.sqrt(rank)).astype(np.float32)
             out[comp][name] = (down, up)

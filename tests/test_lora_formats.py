@@ -523,6 +523,9 @@ def test_unappliable_files_are_refused_at_inspection_and_by_the_loader(gen, tmp_
     cases = {  # name: (state, metadata, code, words the reason must contain)
         "sdxl_full_size": ({f"{sdxl}{p}.lora_{h}.weight": np.ones((4, 2048) if h == "down" else (640, 4))
                             for p in "kv" for h in ("down", "up")}, None, "shape_mismatch", ["size mismatch", "2048"]),
+        "kernel_1x1_on_3x3": ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": np.ones((2, 32)),
+                               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": np.ones((32, 2))},
+                              None, "shape_mismatch", ["kernel (1, 1)", "kernel (3, 3)"]),
         "sd15": ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.ones((4, 768)),
                   "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.ones((768, 4))},
                  None, "wrong_base", ["SD1.x"]),

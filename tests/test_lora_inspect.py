@@ -120,15 +120,15 @@ def _kohya_file(path: Path, mods, **kw) -> Path:
 
 def test_targets_from_modules_matches_weight_shapes(tiny_modules, targets):
     for comp, model in tiny_modules.items():
-        expected = {
-            n: (m.weight.shape[0], m.weight.shape[1])
+        expected = {  # (out, in) of a Linear; a Conv2d also carries its kernel
+            n: tuple(m.weight.shape[:2]) + (tuple(m.weight.shape[2:]) if type(m) is torch.nn.Conv2d else ())
             for n, m in model.named_modules()
             if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
         }
         assert targets[comp] == expected
         assert len(expected) > 10
     assert targets["unet"][f"{ATTN}.attn2.to_k"] == (64, 32)  # (out, in): context width 32
-    assert targets["unet"]["down_blocks.0.resnets.0.conv1"] == (32, 32)
+    assert targets["unet"]["down_blocks.0.resnets.0.conv1"] == (32, 32, 3, 3)
     assert targets["text_encoder_2"]["text_projection"] == (48, 48)
     # the module itself works as well as its named_modules()
     assert targets_from_modules(tiny_modules["text_encoder"]) == targets["text_encoder"]
@@ -408,17 +408,18 @@ def test_kohya_mapping_agrees_with_diffusers_loader(tmp_path, targets):
         "lora_unet_output_blocks_1_2_conv": (64, 64),
         "lora_unet_input_blocks_2_0_op": (32, 32),
     }
-    path = _kohya_file(tmp_path / "sgm.safetensors", mods)
+    arrays = kohya_state(mods)
+    # the two 3x3 convs get 4-D (LoCon) factors: a 2-D factor is a 1x1 kernel, refused on a 3x3 conv
+    for key, ch in (("lora_unet_input_blocks_2_0_op", 32), ("lora_unet_output_blocks_1_2_conv", 64)):
+        arrays[f"{key}.lora_down.weight"] = np.zeros((4, ch, 3, 3), np.float32)
+        arrays[f"{key}.lora_up.weight"] = np.zeros((ch, 4, 1, 1), np.float32)
+    path = tmp_path / "sgm.safetensors"
+    save_numpy_file(arrays, str(path))
     info = inspect_lora(path)
     ours = match_modules(info, targets)
     assert ours["lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k"] == f"unet.{ATTN}.attn2.to_k"
 
-    state = {k: torch.from_numpy(v) for k, v in kohya_state(mods).items()}
-    # conv LoRA weights are 4-D; build them for diffusers' loader (our check only compares out/in)
-    state["lora_unet_input_blocks_2_0_op.lora_down.weight"] = torch.zeros(4, 32, 3, 3)
-    state["lora_unet_input_blocks_2_0_op.lora_up.weight"] = torch.zeros(32, 4, 1, 1)
-    state["lora_unet_output_blocks_1_2_conv.lora_down.weight"] = torch.zeros(4, 64, 3, 3)
-    state["lora_unet_output_blocks_1_2_conv.lora_up.weight"] = torch.zeros(64, 4, 1, 1)
+    state = {k: torch.from_numpy(v) for k, v in arrays.items()}
     unet = _tiny_unet()
     converted, alphas = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet.config)
     StableDiffusionXLPipeline.load_lora_into_unet(converted, alphas, unet, adapter_name="t")

@@ -1,7 +1,7 @@
 """Compatibility of a recognised LoRA with a generator: module names (kohya, SGM, OMI, peft) -> model modules.
 
 ``targets``: component ("unet", "text_encoder", "text_encoder_2") -> {diffusers module name -> (out, in)}
-(Conv2d: out/in channels), e.g. from :func:`targets_from_modules`. Strict: a LoRA with *any* module
+(Conv2d: (out, in channels, kernel h, kernel w)), e.g. from :func:`targets_from_modules`. Strict: a LoRA with *any* module
 that maps onto nothing is rejected, because its update could not be applied.
 """
 
@@ -19,11 +19,13 @@ from carlos_ray.lora.info import LoraInfo
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-Targets = Mapping[str, Mapping[str, tuple[int, int]]]
+# component -> module -> (out, in) for a Linear, (out, in, kernel_h, kernel_w) for a Conv2d
+Targets = Mapping[str, Mapping[str, tuple[int, ...]]]
 
 
-def targets_from_modules(named_modules: "Iterable[tuple[str, torch.nn.Module]] | torch.nn.Module") -> dict[str, tuple[int, int]]:
-    """{module name: (out_features, in_features)} of every Linear / Conv2d (out/in channels) of one component.
+def targets_from_modules(named_modules: "Iterable[tuple[str, torch.nn.Module]] | torch.nn.Module") -> dict[str, tuple[int, ...]]:
+    """{module name: (out_features, in_features)} of every Linear, (out, in channels, kernel h, kernel w) of every
+    Conv2d, of one component.
 
     Pass ``model.named_modules()`` or the model itself; build the per-component targets mapping with
     ``{"unet": targets_from_modules(pipe.unet), "text_encoder": ..., ...}``.
@@ -32,12 +34,12 @@ def targets_from_modules(named_modules: "Iterable[tuple[str, torch.nn.Module]] |
 
     if isinstance(named_modules, torch.nn.Module):
         named_modules = named_modules.named_modules()
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, ...]] = {}
     for name, mod in named_modules:
         if isinstance(mod, torch.nn.Linear):
             out[name] = (int(mod.out_features), int(mod.in_features))
         elif isinstance(mod, torch.nn.Conv2d):
-            out[name] = (int(mod.out_channels), int(mod.in_channels))
+            out[name] = (int(mod.out_channels), int(mod.in_channels), *(int(k) for k in mod.kernel_size))
     return out
 
 
@@ -158,7 +160,7 @@ def sgm_to_diffusers(name: str, layers_per_block: int, index: Mapping[str, str])
     return f"up_blocks_{block}_upsamplers_0_{rest}"
 
 
-def _layers_per_block(unet: Mapping[str, tuple[int, int]]) -> int:
+def _layers_per_block(unet: Mapping[str, tuple[int, ...]]) -> int:
     found = {int(m.group(1)) for n in unet if (m := re.match(r"^down_blocks\.0\.resnets\.(\d+)\.", n))}
     return max(found) + 1 if found else 2
 
@@ -195,14 +197,23 @@ class _NameIndex:
 # ---------------------------------------------------------------------------------------------
 
 
-def shape_fits(m: LoraModule, want: tuple[int, int]) -> bool:
-    """Whether module ``m`` fits a generator module of (out, in) ``want`` (flattened LoHa/LoKr convs: in * k*k)."""
+def shape_fits(m: LoraModule, want: tuple[int, ...]) -> bool:
+    """Whether module ``m`` fits a generator module ``want``: (out, in) of a Linear or (out, in, kh, kw) of a Conv2d.
+
+    A conv's kernel must match too: the LoRA's spatial factor (its down or Tucker mid kernel; a 2-D factor is
+    1 x 1), or for flattened LoHa/LoKr convs in = in_channels * kernel area. Targets given as (out, in) alone
+    are checked on (out, in) only."""
     if m.out_features != want[0]:
         return False
-    if not m.flat_in:
-        return m.in_features == want[1]
-    ratio, rem = divmod(m.in_features, want[1])
-    return rem == 0 and math.isqrt(ratio) ** 2 == ratio
+    kernel = tuple(want[2:4]) if len(want) >= 4 else None
+    if m.flat_in:
+        ratio, rem = divmod(m.in_features, want[1])
+        if kernel is not None:
+            return rem == 0 and ratio == kernel[0] * kernel[1]
+        return rem == 0 and math.isqrt(ratio) ** 2 == ratio
+    if m.in_features != want[1]:
+        return False
+    return kernel is None or (tuple(m.kernel) or (1, 1)) == kernel
 
 
 def check_compatible(info: LoraInfo, targets: Targets) -> None:
@@ -247,10 +258,12 @@ def match_modules(info: LoraInfo, targets: Targets) -> dict[str, str]:
         want = tuple(targets[m.component][target_name])
         if not shape_fits(m, want):
             got = (m.out_features, m.in_features)
+            kernel = f", kernel {tuple(m.kernel) or (1, 1)}" if len(want) >= 4 and not m.flat_in else ""
             raise LoraRejected(
                 "shape_mismatch",
-                f"size mismatch: {m.key!r}: LoRA (out, in) = {got}{' (in x kernel area)' if m.flat_in else ''} "
-                f"but generator {m.component}.{target_name} is {want}",
+                f"size mismatch: {m.key!r}: LoRA (out, in) = {got}{' (in x kernel area)' if m.flat_in else ''}{kernel} "
+                f"but generator {m.component}.{target_name} is {want[:2]}"
+                f"{f', kernel {want[2:4]}' if len(want) >= 4 else ''}",
                 info.path,
             )
     return {m.key: f"{m.component}.{target_name}" for m, target_name in mapped}

@@ -112,6 +112,7 @@ class EmbeddedEncoder:
 
     config: str
     build: Callable[[dict, EncoderSpec], Any] = _seeded_clip
+    weights: str = "random weights"  # what its parameters are, as reports name them
 
     def model(self, spec: EncoderSpec) -> Any:
         return self.build(load_model_config(self.config), spec)
@@ -135,7 +136,7 @@ EMBEDDED_GENERATORS: dict[str, EmbeddedGenerator] = {
 }
 EMBEDDED_ENCODERS: dict[str, EmbeddedEncoder] = {
     "tiny": EmbeddedEncoder("tiny_clip.json"),
-    "micro": EmbeddedEncoder("micro_clip.json", build=_micro_clip),
+    "micro": EmbeddedEncoder("micro_clip.json", build=_micro_clip, weights="trained on the micro world"),
 }
 
 

@@ -64,7 +64,12 @@ def describe(spec: Any) -> str:
         return "unknown" if spec is None else str(spec)
     name = spec.get("arch") or spec.get("model") or "unknown"
     if "arch" in spec:
-        return f"{name} ({spec.get('pretrained') or 'random weights'})"
+        if spec.get("pretrained"):
+            return f"{name} ({spec['pretrained']})"
+        from carlos_ray.models.registry import embedded_encoder
+
+        embedded = embedded_encoder(str(name))
+        return f"{name} ({embedded.weights if embedded is not None else 'random weights'})"
     return str(name)
 
 
