@@ -46,7 +46,11 @@ bench: setup
 	$(BIN)/python benchmarks/bench_serve.py --out bench_results/serve.json
 	$(BIN)/python benchmarks/bench_commit.py --out bench_results/commit.json
 	$(BIN)/python benchmarks/bench_zoo.py --out bench_results/zoo.json
-	$(BIN)/python benchmarks/bench_adaptive.py --out bench_results/adaptive.json
+	$(BIN)/python benchmarks/bench_eval.py --config conf/micro.yaml --heldout conf/prompts/micro_heldout_prompts.yaml --repeat --report bench_results/eval_report --out bench_results/eval.json
+	$(BIN)/python benchmarks/bench_behavior.py --out bench_results/behavior.json
+	$(BIN)/python benchmarks/bench_real_signatures.py --out bench_results/real_signatures.json
+	$(BIN)/python benchmarks/bench_adaptive.py --config conf/micro.yaml --loras carlos_ray/world/zoo --seeds 8 --prompt-subset "" --workdir bench_results/adaptive_work --out bench_results/adaptive.json
+	$(BIN)/python benchmarks/bench_adaptive_replay.py bench_results/adaptive_work/index_full
 
 # Retrain the micro world's models (VAE + CLIP in parallel, then UNet + text encoders) into
 # carlos_ray/world/weights/, then measure them against the pixel oracle. CI and `make demo` never run this.

@@ -1,0 +1,54 @@
+"""Adaptive vs full on the micro zoo, offline: the adaptive signatures replayed from the full run's stored diffs
+(the same fixed sample order and sums as a live adaptive run), for a grid of stopping bounds; prints images per
+LoRA, top-10 overlap, P@1, the filtered LoRAs and interval coverage per row, writes bench_results/adaptive_offline.json.
+
+    python benchmarks/bench_adaptive.py --config conf/micro.yaml --loras carlos_ray/world/zoo --seeds 8 \
+        --prompt-subset "" --workdir WORK      # (the full index is enough: WORK/index_full)
+    python benchmarks/bench_adaptive_replay.py WORK/index_full
+"""
+
+import json
+import sys
+
+import numpy as np
+sys.path.insert(0, "benchmarks")
+import bench_adaptive as B
+from carlos_ray.config import Config
+from carlos_ray.evaluation.metrics import label_metrics
+from carlos_ray.evaluation.micro import micro_queries
+from carlos_ray.serving import load_query_encoder
+from carlos_ray.store import Index
+from carlos_ray.thresholds import calibrate_thresholds
+from carlos_ray.uncertainty import Z95
+
+FULL = sys.argv[1] if len(sys.argv) > 1 else "bench_results/adaptive_work/index_full"  # an index_full from bench_adaptive.py --workdir
+cfg = Config.from_file("conf/micro.yaml"); cfg.sampling.num_seeds = 8; cfg.sampling.prompt_subset = None
+full = B._signatures(FULL); th_full = B._thresholds(FULL)
+qs = micro_queries("carlos_ray/world/zoo"); texts = [q.text for q in qs.queries]
+enc = load_query_encoder(Index(FULL).read_manifest()); qv = enc.encode(texts)
+pos = [i for i, q in enumerate(qs.queries) if q.kind == "positive"]
+def p1(rows, th):
+    tops = B._top(B._ranker(rows, th), qv[pos], k=10)
+    return float(np.mean([label_metrics(t, qs.queries[i].relevance)["P@1"] for t, i in zip(tops, pos)]))
+top_full = B._top(B._ranker(full, th_full), qv)
+full_n = max(r["n"] for r in full.values())
+out = []
+print(f"full: {full_n} samples per LoRA, P@1 {p1(full, th_full):.3f}, filtered {sorted(full[l]['name'] for l in full if l not in B._kept(full, th_full))}")
+grid = [(0.15, 0.05, 0.02, 40), (0.2, 0.08, 0.03, 40), (0.25, 0.08, 0.04, 24), (0.3, 0.1, 0.05, 24), (0.35, 0.1, 0.05, 24),
+        (0.4, 0.15, 0.06, 24), (0.3, 0.1, 0.05, 12), (0.5, 0.2, 0.08, 12)]
+for d, s, c, m in grid:
+    rows = B.replay(FULL, cfg, {"max_direction_rse": d, "max_strength_rse": s, "max_consistency_se": c, "min_samples": m}, Z95)
+    cal = calibrate_thresholds([r["strength"] for r in rows.values()], [r["consistency"] for r in rows.values()])
+    th = {"max_strength": cal["max_strength"], "min_consistency": cal["min_consistency"]}
+    n = np.array([r["n"] for r in rows.values()], float)
+    cov = B._coverage(full, rows, Z95)["all"]
+    res = {"bounds": (d, s, c, m), "images_mean": n.mean(), "images_max": int(n.max()), "reduction": full_n / n.mean(),
+           "top10": B._overlap(top_full, B._top(B._ranker(rows, th), qv)), "P@1": p1(rows, th),
+           "same_filtered": B._kept(rows, th) == B._kept(full, th_full),
+           "filtered": sorted(rows[l]["name"] for l in rows if l not in B._kept(rows, th)),
+           "cov_s": cov["strength"], "cov_c": cov["consistency"], "cov_d": cov["direction"]}
+    out.append(res)
+    print(f"d<={d} s<={s} c<={c} min {m}: images mean {res['images_mean']:.1f} max {res['images_max']} ({res['reduction']:.2f}x) "
+          f"top10 {res['top10']:.3f} P@1 {res['P@1']:.3f} same filtered {res['same_filtered']} coverage s {cov['strength']:.2f} "
+          f"c {cov['consistency']:.2f} d {cov['direction']:.2f}", flush=True)
+json.dump(out, open("bench_results/adaptive_offline.json", "w"), indent=1, default=str)
