@@ -115,6 +115,26 @@ def test_manifest_source(ray_session, tiny_config, zoo_dir, tmp_path):
     assert [r["code"] for r in rejects] == ["outside_root"]
 
 
+def test_manifest_text_is_cleaned_like_sidecars(tiny_config, zoo_dir, tmp_path):
+    """Names, descriptions and trigger words from a manifest are untrusted: HTML stripped, control characters
+    dropped, whitespace collapsed, lengths bounded, exactly as from a sidecar."""
+    import json
+
+    from carlos_ray.lora.sidecar import MAX_NAME_CHARS
+    from carlos_ray.models.generator import generator_lora_targets
+
+    shutil.copy(zoo_dir / "twin_a.safetensors", tmp_path / "a.safetensors")
+    row = {"path": "a.safetensors", "name": "<b>Bold</b>\u0007  name " + "x" * 400,
+           "description": "<script>alert(1)</script><p>Soft <i>focus</i></p>", "trigger_words": "<img src=x>crisp; sharp"}
+    (tmp_path / "loras.jsonl").write_text(json.dumps(row) + "\n")
+    jobs, rejects, _ = collect_sources([str(tmp_path / "loras.jsonl")], generator_lora_targets(tiny_config.generator))
+    assert rejects == [] and len(jobs) == 1
+    job = jobs[0]
+    assert job.name.startswith("Bold name xxx") and len(job.name) <= MAX_NAME_CHARS and "\u0007" not in job.name
+    assert "<" not in job.name + job.description and "alert" not in job.description and "Soft focus" in job.description
+    assert job.trigger_words == ["crisp", "sharp"]
+
+
 def test_kept_diffs_average_to_the_direction(built_index):
     snap = Index(built_index["index"]).snapshot()
     diffs = snap.table("diffs")

@@ -64,12 +64,11 @@ def manifest_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _words(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [w.strip() for w in value.replace(";", ",").split(",") if w.strip()]
-    return [str(w).strip() for w in value if str(w).strip()]
+def _text(value: Any) -> str | None:
+    """A manifest cell as text (CSV gives strings, JSON/Parquet may give numbers); None when empty."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return value if isinstance(value, str) else str(value)
 
 
 def reject_record(path: str | os.PathLike | None, code: str, reason: str, sha256: str | None = None) -> dict:
@@ -129,6 +128,7 @@ def collect_sources(
 
     ``aliases``, if given, receives ``{"sha256", "lora_id", "path"}`` for every skipped copy of a file already seen."""
     from carlos_ray.lora import read_sidecar
+    from carlos_ray.lora.sidecar import clean_description, clean_name, clean_trigger_words
 
     candidates: list[Candidate] = []
     rejects: list[dict] = []
@@ -156,9 +156,10 @@ def collect_sources(
             sha256=info.sha256,
             format=info.format,
             rank=int(info.rank),
-            name=str(row.get("name") or side.name or Path(path).stem),
-            description=str(row.get("description") or side.description or ""),
-            trigger_words=_words(row.get("trigger_words")) or list(side.trigger_words),
+            # manifest rows are untrusted text too: cleaned exactly as sidecars are
+            name=clean_name(_text(row.get("name"))) or side.name or Path(path).stem,
+            description=clean_description(_text(row.get("description"))) or side.description or "",
+            trigger_words=clean_trigger_words(row.get("trigger_words")) or list(side.trigger_words),
             source_url=row.get("source_url") or side.source_url,
             civitai_model_id=_int_or_none(extra.get("civitai_model_id", extra.get("modelId"))),
             civitai_version_id=_int_or_none(extra.get("civitai_version_id", extra.get("id"))),

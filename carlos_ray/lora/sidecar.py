@@ -96,6 +96,23 @@ def _clean_text(value: Any, limit: int) -> str | None:
     return text or None
 
 
+def clean_name(value: Any) -> str | None:
+    """A display name from untrusted text (a sidecar, a manifest row): HTML stripped, non-printables dropped,
+    whitespace collapsed, at most MAX_NAME_CHARS; None if nothing is left."""
+    text = _clean_text(value, MAX_NAME_CHARS)
+    return " ".join(text.split()) or None if text else None
+
+
+def clean_description(value: Any) -> str | None:
+    """A description from untrusted text: HTML stripped, non-printables dropped, at most MAX_TEXT_CHARS."""
+    return _clean_text(value, MAX_TEXT_CHARS)
+
+
+def clean_trigger_words(value: Any) -> list[str]:
+    """Trigger words from untrusted text: a list of strings or a comma/semicolon-separated string, each cleaned."""
+    return _words(value.replace(";", ",") if isinstance(value, str) else value)
+
+
 def _words(value: Any) -> list[str]:
     """Trigger words from a list of strings, or a comma-separated string."""
     if isinstance(value, str):
