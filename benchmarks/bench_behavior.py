@@ -220,24 +220,12 @@ def part_real(top: int, min_cosine: float, min_ratio: float) -> dict:
 
 def part_zoo(index_uri: str, zoo_json: Path) -> dict:
     """The issue's targets on an index of the micro zoo, every tag calibration compared; tags stored with the best."""
-    from carlos_ray.behavior.evaluate import evaluate, truth_from_zoo
-    from carlos_ray.behavior.index import _directions, cached_tag_vectors, tag_index
+    from carlos_ray.behavior.index import evaluate_index, tag_index
     from carlos_ray.serving.loading import load_query_encoder
-    from carlos_ray.behavior.tags import TagVocabulary, tag_cache_key
-    from carlos_ray.store import Index
 
     summary = tag_index(index_uri, vocabulary="micro", load_encoder=load_query_encoder)  # computes (or reuses) the tag vectors with the index's encoder
-    snap = Index(index_uri).snapshot()
-    table = snap.signatures()
-    vocab = TagVocabulary.from_file("micro")
-    vectors = cached_tag_vectors(snap, tag_cache_key(vocab, snap.manifest), vocab)
-    ids = table["lora_id"].to_pylist()
-    s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
-    th = dict(snap.manifest.thresholds or {})
-    inside = (s <= (th.get("max_strength") or np.inf)) & (c >= (th.get("min_consistency") or -np.inf))
-    truth = truth_from_zoo(json.loads(Path(zoo_json).read_text()), ids)
-    res = evaluate(ids, _directions(table), s, vectors, vocab.tags, truth, include=inside)
-    print(f"\n## Micro zoo: {len(ids)} LoRAs, {res['behaviour_loras']} with a planted behaviour\n")
+    res = evaluate_index(index_uri, json.loads(Path(zoo_json).read_text()), vocabulary="micro")
+    print(f"\n## Micro zoo: {summary['loras']} LoRAs, {res['behaviour_loras']} with a planted behaviour\n")
     print("| measure | value | target | met |")
     print("| --- | ---: | ---: | :---: |")
     for cal in res["tags"]:

@@ -93,25 +93,13 @@ def test_carlos_p_at_1_stays_above_its_floor_and_beats_the_metadata_baselines(mi
 def test_tags_groups_and_duplicates_match_the_planted_truth(micro, tmp_path):
     import shutil
 
-    from carlos_ray.behavior.evaluate import evaluate, truth_from_zoo
-    from carlos_ray.behavior.index import _directions, cached_tag_vectors, tag_index
-    from carlos_ray.behavior.tags import TagVocabulary, tag_cache_key
+    from carlos_ray.behavior.index import evaluate_index, tag_index
     from carlos_ray.serving.loading import load_query_encoder
-    from carlos_ray.store import Index
 
     idx = tmp_path / "idx"
     shutil.copytree(micro["index"], idx)  # tagging commits to the index; the module's copy stays as indexed
     tag_index(str(idx), vocabulary="micro", load_encoder=load_query_encoder)
-    snap = Index(str(idx)).snapshot()
-    table = snap.signatures()
-    vocab = TagVocabulary.from_file("micro")
-    vectors = cached_tag_vectors(snap, tag_cache_key(vocab, snap.manifest), vocab)
-    ids = table["lora_id"].to_pylist()
-    s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
-    th = snap.manifest.thresholds
-    inside = (s <= th["max_strength"]) & (c >= th["min_consistency"])
-    doc = json.loads((micro["zoo"] / "zoo.json").read_text())
-    res = evaluate(ids, _directions(table), s, vectors, vocab.tags, truth_from_zoo(doc, ids), include=inside)
+    res = evaluate_index(str(idx), json.loads((micro["zoo"] / "zoo.json").read_text()), vocabulary="micro")
     print(json.dumps({k: res[k] for k in ("targets", "groups")}, default=str))
     d = res["duplicates"]
     assert not d["different_behaviour_pairs"], d  # no two LoRAs with different planted behaviours are duplicates

@@ -77,14 +77,13 @@ def tag_index(
     *,
     vocabulary: str | None = None,
     calibration: str = DEFAULT_CALIBRATION,
-    encoder: Any = None,
     load_encoder: Callable[[Any], Any] | None = None,
     **settings: Any,
 ) -> dict:
     """Tag every LoRA of the index and store the tags (and the cached tag vectors) in it.
 
-    The tag vectors come from the index's cache, else from ``encoder``, else from
-    ``load_encoder(manifest)`` (called only when needed; the service layer passes
+    The tag vectors come from the index's cache, else from the query encoder ``load_encoder(manifest)``
+    returns (called only when needed; the service layer passes
     :func:`carlos_ray.serving.loading.load_query_encoder`, which raises ``EncoderUnavailable`` when
     the weights are not on this machine). ``settings`` go
     to :func:`~carlos_ray.behavior.tags.assign_tags` (``max_tags``, ``z_min``, ``margin``, ``min_cosine``)."""
@@ -101,12 +100,10 @@ def tag_index(
     vectors = cached_tag_vectors(snap, key, vocab)
     cached = vectors is not None
     if vectors is None:
-        if encoder is None:
-            if load_encoder is None:
-                raise ValueError(f"index {index_uri} has no cached vectors for the {vocab.name!r} tag vocabulary "
-                                 "and no query encoder was given to compute them")
-            encoder = load_encoder(manifest)
-        vectors = tag_vectors(encoder, vocab.tags)
+        if load_encoder is None:
+            raise ValueError(f"index {index_uri} has no cached vectors for the {vocab.name!r} tag vocabulary "
+                             "and no query encoder was given to compute them")
+        vectors = tag_vectors(load_encoder(manifest), vocab.tags)
     ids = table["lora_id"].to_pylist()
     directions = _directions(table)
     result = assign_tags(directions, vectors, calibration=calibration, **settings)
@@ -281,3 +278,22 @@ class BehaviorView:
     def all_duplicates(self, min_cosine: float = DEFAULT_MIN_COSINE,
                        min_strength_ratio: float = DEFAULT_MIN_STRENGTH_RATIO) -> DuplicateReport:
         return behavioural_duplicates(self.unit, self.strength, min_cosine=min_cosine, min_strength_ratio=min_strength_ratio)
+
+
+def evaluate_index(index_uri: str, zoo_doc: dict, vocabulary: str = "micro") -> dict:
+    """:func:`carlos_ray.behavior.evaluate.evaluate` on a tagged index against a zoo's ``zoo.json`` document:
+    groups over the LoRAs inside the index's default thresholds, tags from its cached vectors."""
+    from carlos_ray.behavior.evaluate import evaluate, truth_from_zoo
+    from carlos_ray.store import Index
+
+    snap = Index(index_uri).snapshot()
+    table = snap.signatures()
+    vocab = TagVocabulary.from_file(vocabulary)
+    vectors = cached_tag_vectors(snap, tag_cache_key(vocab, snap.manifest), vocab)
+    if vectors is None:
+        raise ValueError(f"index {index_uri} has no cached {vocab.name!r} tag vectors; run tag_index first")
+    ids = table["lora_id"].to_pylist()
+    s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
+    th = dict(snap.manifest.thresholds or {})
+    inside = (s <= (th.get("max_strength") or np.inf)) & (c >= (th.get("min_consistency") or -np.inf))
+    return evaluate(ids, _directions(table), s, vectors, vocab.tags, truth_from_zoo(zoo_doc, ids), include=inside)

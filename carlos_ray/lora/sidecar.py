@@ -100,7 +100,7 @@ def clean_name(value: Any) -> str | None:
     """A display name from untrusted text (a sidecar, a manifest row): HTML stripped, non-printables dropped,
     whitespace collapsed, at most MAX_NAME_CHARS; None if nothing is left."""
     text = _clean_text(value, MAX_NAME_CHARS)
-    return " ".join(text.split()) or None if text else None
+    return " ".join(text.split()) if text else None
 
 
 def clean_description(value: Any) -> str | None:
@@ -246,14 +246,12 @@ def read_sidecar(
     words: list[str] = []
     extra: dict[str, Any] = {}
     for _, c in candidates:
-        name = name or _clean_text(c["name"], MAX_NAME_CHARS)
-        description = description or _clean_text(c["description"], MAX_TEXT_CHARS)
+        name = name or clean_name(c["name"])
+        description = description or clean_description(c["description"])
         url = url or (c["source_url"] if isinstance(c["source_url"], str) and c["source_url"].strip() else None)
         words = words or _words(c["trigger_words"])
         for k, v in c["extra"].items():
             if k not in extra and isinstance(v, (str, int, float)) and not isinstance(v, bool):
                 extra[k] = v[:MAX_NAME_CHARS] if isinstance(v, str) else v
-    if name:
-        name = " ".join(name.split())
     extra["sources"] = [src for src, _ in candidates]
     return SidecarInfo(name=name, description=description, trigger_words=words, source_url=url, extra=extra)
