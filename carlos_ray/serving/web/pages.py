@@ -1,8 +1,9 @@
 """Serving the pages: static package files, offline Swagger UI, security headers, a per-version catalog cache.
 
 The ingress adds :func:`add_page_routes` to its FastAPI app and :class:`SecurityHeaders` as middleware;
-the ranker deployment holds a :class:`CatalogCache`. Nothing here renders data into HTML: pages are
-static files that read the JSON API.
+the ranker deployment holds a :class:`CatalogCache`. Nothing here renders data into HTML: a page is
+one shell (`static/shell.html`: head, header and navigation) around a static body (`<name>.body.html`),
+put together once at start-up; the pages read the JSON API.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from dataclasses import dataclass
+from functools import cache
+from html import escape
 from importlib import resources
+from string import Template
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,30 @@ from carlos_ray.store import Index
 logger = logging.getLogger(__name__)
 
 STATIC = Path(str(resources.files("carlos_ray.serving.web") / "static"))
-PAGES = {"/": "index.html", "/lora": "lora.html", "/overview": "overview.html", "/docs": "docs.html"}
+
+
+@dataclass(frozen=True)
+class Page:
+    """One HTML page: its body file `<name>.body.html`, title, scripts and the navigation entry it is."""
+
+    name: str
+    title: str
+    scripts: tuple[str, ...]
+    nav: str | None = None  # the navigation entry marked current; None: no entry is
+    links: tuple[str, ...] = ("static/app.css",)
+    icon: str = "data:,"
+    header: bool = True
+
+
+NAV = (("./", "Search"), ("overview", "Index"), ("docs", "API"))
+SWAGGER = "static/swagger/"
+PAGES = {
+    "/": Page("index", "search LoRAs by what they do", ("static/common.js", "static/search.js"), nav="Search"),
+    "/lora": Page("lora", "LoRA", ("static/common.js", "static/lora.js")),
+    "/overview": Page("overview", "index", ("static/common.js", "static/overview.js"), nav="Index"),
+    "/docs": Page("docs", "API", (SWAGGER + "swagger-ui-bundle.js", SWAGGER + "swagger-ui-standalone-preset.js", "static/docs.js"),
+                  links=(SWAGGER + "swagger-ui.css",), icon=SWAGGER + "favicon-32x32.png", header=False),
+}
 SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui-standalone-preset.js", "swagger-ui.css", "favicon-32x32.png")
 CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".png": "image/png",
                  ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml"}
@@ -70,6 +98,22 @@ class SecurityHeaders:
         return await self.app(scope, receive, send_with_headers)
 
 
+@cache
+def render_page(page: Page) -> bytes:
+    """The page's HTML: the shell with its title, stylesheets, deferred scripts, header and body."""
+    png = ' type="image/png"' if page.icon.endswith(".png") else ""
+    icon = f'<link rel="icon"{png} href="{escape(page.icon)}">'
+    head = [icon, *(f'<link rel="stylesheet" href="{escape(h)}">' for h in page.links),
+            *(f'<script src="{escape(src)}" defer></script>' for src in page.scripts)]
+    body = (STATIC / f"{page.name}.body.html").read_text(encoding="utf-8")
+    if page.header:
+        current = ' aria-current="page"'
+        nav = "".join(f'<a href="{href}"{current if label == page.nav else ""}>{label}</a>' for href, label in NAV)
+        body = f'<header class="top">\n  <a class="brand" href="./">carlos-ray</a>\n  <nav>{nav}</nav>\n</header>\n' + body
+    shell = Template((STATIC / "shell.html").read_text(encoding="utf-8"))
+    return shell.substitute(title=escape(page.title), head="\n".join(head), body=body).encode("utf-8")
+
+
 def _file(path: Path, cache: str) -> FileResponse:
     return FileResponse(path, media_type=CONTENT_TYPES[path.suffix], headers={"Cache-Control": cache})
 
@@ -77,18 +121,20 @@ def _file(path: Path, cache: str) -> FileResponse:
 def add_page_routes(api: FastAPI) -> None:
     """GET /, /lora, /overview, /docs (static HTML), /static/{file} and /static/swagger/{file}; none in the OpenAPI schema."""
 
-    def page_route(route: str, filename: str) -> None:
+    def page_route(route: str, spec: Page) -> None:
+        html = render_page(spec)
+
         async def page(request: Request) -> Response:
             path = request.url.path
             if route == "/" and not path.endswith("/"):  # under a route prefix (/ref): relative links need the slash
                 query = f"?{request.url.query}" if request.url.query else ""
                 return RedirectResponse(path + "/" + query, status_code=307)
-            return _file(STATIC / filename, "no-cache")
+            return Response(html, media_type=CONTENT_TYPES[".html"], headers={"Cache-Control": "no-cache"})
 
-        api.add_api_route(route, page, methods=["GET"], include_in_schema=False, name=f"page_{filename}")
+        api.add_api_route(route, page, methods=["GET"], include_in_schema=False, name=f"page_{spec.name}")
 
-    for route, filename in PAGES.items():
-        page_route(route, filename)
+    for route, spec in PAGES.items():
+        page_route(route, spec)
 
     @api.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
