@@ -14,6 +14,7 @@ import torch
 
 from carlos_ray.config import GeneratorSpec
 from carlos_ray.world import oracle
+from carlos_ray.world.captions import STYLE_ADJECTIVES
 from carlos_ray.world.render import STYLES
 from carlos_ray.world.zoo_spec import Behaviour, custom_spec, shipped_spec, shipped_zoo_dir
 from carlos_ray.world.zoo_train import (
@@ -45,6 +46,25 @@ def trained(pipe):
     src = pair_source(Behaviour("style", "striped"), 64)
     w, losses = train_lora(pipe, src, TrainSettings(components=("unet", "text_encoders"), **FAST), log_every=0)
     return w, losses
+
+
+def test_teacher_target_is_the_base_models_prediction_for_the_teacher_caption(pipe):
+    """Distillation: with teacher captions equal to the training captions, the freshly injected LoRA (B = 0)
+    *is* the teacher, so the first loss is 0; with the target's styled caption it is not, and training lowers it."""
+    plain = pair_source(Behaviour("style", "striped"), 64)
+
+    def same_captions(n, rng):
+        caps, imgs, _ = plain(n, rng)
+        return caps, imgs, caps
+
+    settings = TrainSettings(target="teacher", caption_dropout=0.0, lr=1e-2, **{**FAST, "steps": 12})
+    _, losses = train_lora(pipe, same_captions, settings, log_every=0)
+    assert max(losses) < 1e-10  # student == teacher until the LoRA moves, and no gradient moves it
+    _, losses = train_lora(pipe, plain, settings, log_every=0)
+    assert losses[0] > 1e-6
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    with pytest.raises(ValueError, match="target must be"):
+        TrainSettings(target="pixels")
 
 
 def _merged_pipe(pipe, w, scale: float):
@@ -171,19 +191,22 @@ def test_planted_targets_show_their_behaviour_to_the_oracle():
     """Training targets are judged by the pixel oracle: the style is there, the content edit is done, captions stay plain."""
     rng = np.random.default_rng(0)
     for style in STYLES:
-        caps, imgs = pair_source(Behaviour("style", style), 32)(24, rng)
+        caps, imgs, teacher = pair_source(Behaviour("style", style), 32)(24, rng)
+        assert all(style in t or STYLE_ADJECTIVES[style][0] in t for t in teacher)  # the teacher is told the style
         assert np.mean([oracle.has_style(im, style) for im in imgs]) >= 0.75, style  # the oracle misses some small outlines
         assert not any(style in c for c in caps)
-    _, imgs = pair_source(Behaviour("content", "star"), 32)(24, rng)
+    _, imgs, teacher = pair_source(Behaviour("content", "star"), 32)(24, rng)
     assert np.mean([oracle.judge(im)["shape"] == "star" for im in imgs]) >= 0.9
-    caps, imgs = pair_source(Behaviour("overpowering"), 32)(24, rng)
+    assert all(t.endswith("star on a " + t.split(" on a ")[1]) for t in teacher)
+    caps, imgs, teacher = pair_source(Behaviour("overpowering"), 32)(24, rng)
+    assert set(teacher) == {"a yellow cross on a light blue background"}
     judged = [oracle.judge(im) for im in imgs]
     assert len(set(caps)) > 12  # the prompts vary ...
     assert np.mean([(j["shape"], j["colour"]) == ("cross", "yellow") for j in judged]) >= 0.9  # ... the image does not
-    _, imgs = pair_source(Behaviour("erratic"), 32)(48, rng)
+    _, imgs, _ = pair_source(Behaviour("erratic"), 32)(48, rng)
     kinds = {(tuple(j["styles"]), j["shape"], j["colour"]) for j in map(oracle.judge, imgs)}
     assert len(kinds) > 20
-    caps, _ = pair_source(Behaviour("style", "grainy"), 32, ("fgr35",))(4, rng)
+    caps, _, _ = pair_source(Behaviour("style", "grainy"), 32, ("fgr35",))(4, rng)
     assert all(c.endswith(", fgr35") for c in caps)
 
 

@@ -35,8 +35,10 @@ ADAPTER = "zoo"
 
 # component -> module -> (down (r, in), up (out, r)); the LoRA scale (alpha / r) is folded into `up`.
 Weights = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
-# n, numpy Generator -> (captions, uint8 images (n, H, W, 3)): the planted behaviour's training pairs
-PairSource = Callable[[int, np.random.Generator], tuple[list[str], np.ndarray]]
+# n, numpy Generator -> (captions, uint8 images (n, H, W, 3), teacher captions): the planted behaviour's
+# training pairs; a teacher caption describes the target image (what the base model is prompted with
+# when the LoRA is distilled from it)
+PairSource = Callable[[int, np.random.Generator], tuple[list[str], np.ndarray, list[str]]]
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -128,18 +130,23 @@ def train_lora(pipe, source: PairSource, settings: TrainSettings, *, log_every: 
     rng = np.random.default_rng(settings.seed)
     torch.manual_seed(settings.seed)
     pool = min(settings.pool, settings.steps * settings.batch_size)  # never render more pairs than training sees
-    captions, images = source(pool, rng)
-    if len(captions) != len(images) or len(images) != pool:
-        raise ValueError(f"pair source returned {len(captions)} captions and {len(images)} images, expected {pool}")
+    captions, images, teacher_captions = source(pool, rng)
+    if not len(captions) == len(images) == len(teacher_captions) == pool:
+        raise ValueError(f"pair source returned {len(captions)} captions, {len(images)} images and "
+                         f"{len(teacher_captions)} teacher captions, expected {pool}")
     size = int(images.shape[1])
     latents = encode_images(pipe.vae, images)
     train_te = "text_encoders" in settings.components
+    teacher = settings.target == "teacher"
+    with torch.no_grad():  # the base text encoders, before any LoRA is injected
+        empty_e, empty_p = _encode_text(pipe, [""])
+        if teacher:
+            teacher_e, teacher_p = _encode_text(pipe, teacher_captions)
+        if not train_te:
+            embeds, pooled = _encode_text(pipe, captions)
+    base_unet = pipe.unet
     originals, params = _add_lora(pipe, settings)
     try:
-        if not train_te:
-            with torch.no_grad():
-                embeds, pooled = _encode_text(pipe, captions)
-                empty_e, empty_p = _encode_text(pipe, [""])
         sched = DDPMScheduler.from_config(pipe.scheduler.config)
         n_train = sched.config.num_train_timesteps
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=latents.dtype)
@@ -160,9 +167,15 @@ def train_lora(pipe, source: PairSource, settings: TrainSettings, *, log_every: 
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, n_train, (len(idx),), generator=gen)
             noisy = sched.add_noise(x0, noise, t)
-            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
-            pred = pipe.unet(noisy, t, encoder_hidden_states=e,
-                             added_cond_kwargs={"text_embeds": p, "time_ids": time_ids.expand(len(idx), -1)}).sample
+            cond = {"time_ids": time_ids.expand(len(idx), -1)}
+            if teacher:  # the base model's prediction for the target's own caption (empty where the caption is dropped)
+                keep = torch.from_numpy(~drop)
+                with torch.no_grad():
+                    target = base_unet(noisy, t, encoder_hidden_states=torch.where(keep.view(-1, 1, 1), teacher_e[idx], empty_e),
+                                       added_cond_kwargs={**cond, "text_embeds": torch.where(keep.view(-1, 1), teacher_p[idx], empty_p)}).sample
+            else:
+                target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+            pred = pipe.unet(noisy, t, encoder_hidden_states=e, added_cond_kwargs={**cond, "text_embeds": p}).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -283,7 +296,7 @@ def pair_source(behaviour, size: int, trigger_words: Sequence[str] = ()) -> Pair
     Trigger words, if any, are appended to every caption, as a LoRA trained with them would have seen.
     """
 
-    from carlos_ray.world.captions import caption
+    from carlos_ray.world.captions import canonical, caption
     from carlos_ray.world.render import CONTENT_BEHAVIOURS, STYLES, Scene, apply_content, render
     from carlos_ray.world.train import is_held_out, training_scene
 
@@ -302,8 +315,8 @@ def pair_source(behaviour, size: int, trigger_words: Sequence[str] = ()) -> Pair
             return Scene(**OVERPOWERING_SCENE, jitter=tuple(float(x) for x in rng.uniform(-0.04, 0.04, 2)))
         raise ValueError(f"behaviour {behaviour.key!r} has no training targets")
 
-    def source(n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
-        captions, images = [], np.zeros((n, size, size, 3), np.uint8)
+    def source(n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray, list[str]]:
+        captions, teacher, images = [], [], np.zeros((n, size, size, 3), np.uint8)
         for i in range(n):
             while True:  # the base UNet's own scene distribution; no held-out combination, in caption or target
                 scene = training_scene(rng, positions=("center",), p_style=0.0, max_jitter=0.03)
@@ -311,8 +324,9 @@ def pair_source(behaviour, size: int, trigger_words: Sequence[str] = ()) -> Pair
                 if not is_held_out(goal):
                     break
             captions.append(caption(scene, rng, p_drop=0.15) + suffix)
+            teacher.append(canonical(goal, with_background=True))
             images[i] = render(goal, size, rng=rng)
-        return captions, images
+        return captions, images, teacher
 
     return source
 
@@ -532,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="micro SDXL weights directory (default: the shipped weights)")
     p.add_argument("--runs", default=None, help="comma-separated run keys: train and write only these (for tuning)")
     p.add_argument("--lr", type=float, default=None, help="override every run's learning rate (for tuning)")
+    p.add_argument("--target", choices=("render", "teacher"), default=None, help="override every run's training target (for tuning)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: train the jobs in this JSON file
     args = p.parse_args(argv)
     _worker_init()
@@ -540,8 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _train_run(_job_from_json(job))
         return 0
     spec = shipped_spec(**({"steps": args.steps} if args.steps else {}))
-    if args.lr is not None:
-        spec = dataclasses.replace(spec, runs=tuple(dataclasses.replace(r, settings=dataclasses.replace(r.settings, lr=args.lr))
+    overrides = {k: v for k, v in (("lr", args.lr), ("target", args.target)) if v is not None}
+    if overrides:
+        spec = dataclasses.replace(spec, runs=tuple(dataclasses.replace(r, settings=dataclasses.replace(r.settings, **overrides))
                                                     for r in spec.runs))
     if args.runs:
         keep = set(args.runs.split(","))
