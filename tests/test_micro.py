@@ -21,6 +21,9 @@ def test_every_training_stage_runs_and_the_result_loads(tmp_path):
     torch.set_num_threads(1)
     vae = T.train_vae(tmp_path, T.StageConfig(steps=2, batch=2, lr=1e-3, progress=False))
     clip = T.train_clip(tmp_path, T.StageConfig(steps=2, batch=8, lr=1e-3, progress=False))
+    nuisance = T.train_clip(tmp_path, T.StageConfig(steps=2, batch=8, lr=1e-4, progress=False, style_drop=0.5),
+                            init=tmp_path, phase=T.CLIP_PHASES.index("clip-nuisance"))
+    assert nuisance["stage"] == "clip-nuisance" and np.isfinite(nuisance["final_loss"])
     unet = T.train_unet(tmp_path, T.StageConfig(steps=2, batch=2, lr=1e-4, progress=False), pool=8)
     for info in (vae, clip):
         assert np.isfinite(info["final_loss"])

@@ -93,6 +93,9 @@ def test_captions_use_synonyms_and_always_name_the_style():
     assert any("with stripes" in c for c in caps) and any("stripy" in c for c in caps)
     assert any("pyramid" in c for c in caps) and any("triangle" in c for c in caps)
     assert C.canonical(sc) == "a striped green triangle"
+    unnamed = {C.caption(sc, rng, name_style=False) for _ in range(200)}  # a caption that leaves the style out
+    assert not any(w in c for c in unnamed for w in stripe_words)
+    assert any("triangle" in c for c in unnamed)
     assert C.canonical(R.Scene("heart", "orange")) == "an orange heart"
     for fam in ("colour", "shape", "style"):
         prompts = C.zero_shot_prompts(fam)

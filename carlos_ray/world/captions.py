@@ -90,21 +90,24 @@ def caption(
     rng: np.random.Generator,
     p_drop: float = 0.25,
     keep: tuple[str, ...] = (),
+    name_style: bool = True,
 ) -> str:
     """A random caption of `scene`; each attribute outside `keep` is left out with probability `p_drop`.
 
-    The style is always named when present (it is what a LoRA is queried by); a dropped shape is
-    named "shape" or "object", and an unstyled scene is sometimes called "plain".
+    The style is named when present (it is what a LoRA is queried by) unless `name_style` is false,
+    as real captions often leave it out; a dropped shape is named "shape" or "object", and an
+    unstyled scene is sometimes called "plain".
     """
     def has(attr: str) -> bool:
         return attr in keep or rng.random() >= p_drop
 
     noun = _pick(rng, SHAPE_WORDS[scene.shape]) if has("shape") or rng.random() < 0.6 else _pick(rng, GENERIC_NOUNS)
     adj = ["plain"] if not scene.styles and rng.random() < 0.15 else []
+    named_styles = scene.styles if name_style else ()
     if scene.size != "large" and has("size") or (scene.size == "large" and rng.random() < 0.3 and has("size")):
         adj.append(_pick(rng, SIZE_WORDS[scene.size]))
     styles_before, styles_after = [], []
-    for s in scene.styles:
+    for s in named_styles:
         (styles_before if rng.random() < 0.5 else styles_after).append(s)
     adj += [_pick(rng, STYLE_ADJECTIVES[s]) for s in styles_before]
     if has("colour"):
