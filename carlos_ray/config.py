@@ -113,16 +113,16 @@ class AdaptiveSpec(StrictModel):
         "per category; a round is the next stratified prompt subset, one seed each (all prompts get seed 0 first).")
     min_rounds: int = Field(1, ge=1, le=4096, description="Rounds every LoRA runs before the stopping rule may stop it.")
     min_samples: int = Field(
-        40, ge=2, description="Samples every LoRA gets before the stopping rule may stop it: the standard errors are "
+        24, ge=2, description="Samples every LoRA gets before the stopping rule may stop it: the standard errors are "
         "themselves estimates, too noisy to trust from a handful of samples.")
     max_direction_rse: float = Field(
-        0.15, gt=0.0, description="Stop only when the direction's relative standard error sqrt(E|err|²)/|mean d| is at "
+        0.3, gt=0.0, description="Stop only when the direction's relative standard error sqrt(E|err|²)/|mean d| is at "
         "most this (about the angle, in radians, between the estimate and the true direction).")
     max_strength_rse: float = Field(
-        0.05, gt=0.0, description="Stop only when strength's standard error relative to the strength is at most this "
+        0.1, gt=0.0, description="Stop only when strength's standard error relative to the strength is at most this "
         "(relative, so one bound serves every encoder's feature scale).")
     max_consistency_se: float = Field(
-        0.02, gt=0.0, description="Stop only when consistency's standard error (jackknife over prompts) is at most this.")
+        0.05, gt=0.0, description="Stop only when consistency's standard error (jackknife over prompts) is at most this.")
     order_seed: int = Field(0, ge=0, description="Seed of the within-category prompt shuffle that fixes the sample order.")
     max_in_flight: int = Field(
         256, ge=1, le=1_000_000, description="LoRAs sampled in rounds together (a wave); the next wave starts when this "
