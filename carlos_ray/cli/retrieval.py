@@ -132,9 +132,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop["flag"] = True
 
     old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.getsignal(signal.SIGINT)
     try:
         serve.start(http_options={"host": sargs.host, "port": sargs.port})
         serve.run(build_app(sargs), name=args.name, route_prefix="/", blocking=False)
+        # Ctrl-C sets the flag the loop below polls, installed once Serve is up: a handler a library installs
+        # during start-up cannot then swallow it (in the full suite the command never reached Serve's shutdown)
+        signal.signal(signal.SIGINT, on_signal)
         base = f"http://{sargs.host}:{sargs.port}"
         print(f"carlos-ray: serving {sargs.index} at {base}\n  search page: {base}/   index: {base}/overview   "
               f"API docs: {base}/docs\n  Ctrl-C to stop", flush=True)
@@ -144,6 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
         print("carlos-ray: stopping", flush=True)
         try:
             if started_serve:
