@@ -12,7 +12,6 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
-from functools import cache
 from html import escape
 from importlib import resources
 from string import Template
@@ -98,9 +97,9 @@ class SecurityHeaders:
         return await self.app(scope, receive, send_with_headers)
 
 
-@cache
 def render_page(page: Page) -> bytes:
-    """The page's HTML: the shell with its title, stylesheets, deferred scripts, header and body."""
+    """The page's HTML: the shell with its title, stylesheets, deferred scripts, header and body (each route
+    renders its page once, when the app is built)."""
     png = ' type="image/png"' if page.icon.endswith(".png") else ""
     icon = f'<link rel="icon"{png} href="{escape(page.icon)}">'
     head = [icon, *(f'<link rel="stylesheet" href="{escape(h)}">' for h in page.links),
