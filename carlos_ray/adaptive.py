@@ -11,8 +11,9 @@ more seed for every prompt":
   about 1.6 seeds per prompt;
 - validity: until the first sweep ends, the samples are a stratified sample of prompts (one seed
   each), exactly the exchangeable draws the standard errors of :mod:`carlos_ray.uncertainty` assume;
-  once every prompt is in, the prompts are the full protocol's own and only seeds vary, so the same
-  errors are conservative against the full protocol's value;
+  once every prompt is in, the prompts are the full protocol's own and only seeds vary: the same
+  errors are then conservative against the full protocol's value, and with per-prompt seeds
+  (``sampling.seed_layout``) the seed errors of :mod:`carlos_ray.uncertainty` replace them;
 - every prefix is balanced across categories, and every LoRA sees the same prefix, so LoRAs that
   stop at the same round are measured on the same prompts.
 
@@ -140,6 +141,8 @@ def _partials_schema():
         ("sum_norm", pa.float64()), ("norm_m2", pa.float64()), ("sum_diff", pa.list_(pa.float64())),
         ("prompt_unit_sum", pa.list_(pa.float64())), ("prompt_norm_sum", pa.list_(pa.float64())),
         ("prompt_count", pa.list_(pa.int64())), ("prompt_nonzero", pa.list_(pa.int64())),
+        ("odd_unit_sum", pa.list_(pa.float64())), ("odd_norm_sum", pa.list_(pa.float64())),
+        ("odd_count", pa.list_(pa.int64())),
     ])
 
 
@@ -160,8 +163,8 @@ class AdaptiveRounds:
         self.running: set[str] = set()  # LoRAs whose last committed round did not settle them
         if partials is not None and partials.num_rows:
             for row in partials.to_pylist():
-                if row.get("config_hash") != config_hash:
-                    continue
+                if row.get("config_hash") != config_hash or row.get("odd_count") is None:
+                    continue  # another configuration's, or written before the seed halves were kept: that LoRA restarts
                 have = self.carry.get(row["lora_id"])
                 if have is None or row["rounds_done"] > have.rounds_done:
                     self.carry[row["lora_id"]] = Carry(int(row["rounds_done"]), PartialStats.from_row(row),

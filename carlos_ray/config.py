@@ -122,7 +122,8 @@ class AdaptiveSpec(StrictModel):
         0.1, gt=0.0, description="Stop only when strength's standard error relative to the strength is at most this "
         "(relative, so one bound serves every encoder's feature scale).")
     max_consistency_se: float = Field(
-        0.05, gt=0.0, description="Stop only when consistency's standard error (jackknife over prompts) is at most this.")
+        0.05, gt=0.0, description="Stop only when consistency's standard error is at most this (a jackknife over prompts; "
+        "with `sampling.seed_layout: per_prompt`, the error over seeds once every prompt has a sample).")
     order_seed: int = Field(0, ge=0, description="Seed of the within-category prompt shuffle that fixes the sample order.")
     max_in_flight: int = Field(
         256, ge=1, le=1_000_000, description="LoRAs sampled in rounds together (a wave); the next wave starts when this "
@@ -139,6 +140,11 @@ class SamplingSpec(StrictModel):
     context_subset: str | None = Field(None, description="Named subset of P' to use; None = all.")
     seed_start: int = Field(42, ge=0, description="First generation seed; seeds are seed_start .. seed_start+num_seeds-1.")
     num_seeds: int = Field(16, ge=1, le=4096, description="Number of seeds per prompt.")
+    seed_layout: Literal["shared", "per_prompt"] = Field(
+        "shared", description="`shared`: every prompt uses the same seeds (the paper). `per_prompt`: sample (prompt p, seed "
+        "index j) uses seed_start + j*|P| + p, so no two prompts share a seed: their noise is independent, which "
+        "makes signatures less noisy for the same samples and lets adaptive sampling state seed errors it can trust "
+        "(docs/ADAPTIVE.md). Either way a LoRA image and its base image share the seed.")
     trigger_words: Literal["append", "ignore"] = Field(
         "append", description="`append`: add the LoRA's trigger words to the LoRA prompt only (as the reference); `ignore`: never."
     )
@@ -236,6 +242,8 @@ class Config(StrictModel):
             "encoder": {k: getattr(self.encoder, k) for k in ("kind", "arch", "pretrained", "dtype", "seed")},
             "prompts": prompt_hash,
             "seeds": self.sampling.seeds,
+            # only when not the default, so every shared-seed cache and index keeps its key
+            **({"seed_layout": self.sampling.seed_layout} if self.sampling.seed_layout != "shared" else {}),
         }
 
     def base_key(self, prompt_hash: str) -> str:

@@ -32,8 +32,8 @@ _CHUNK_BYTES = 8 * 1024 * 1024
 _TINY_SQ = 1e-280
 
 _FLOAT_KEYS = ("sum_norm", "norm_m2")
-_FLOAT_LIST_KEYS = ("sum_diff", "prompt_unit_sum", "prompt_norm_sum")
-_INT_LIST_KEYS = ("prompt_count", "prompt_nonzero")
+_FLOAT_LIST_KEYS = ("sum_diff", "prompt_unit_sum", "prompt_norm_sum", "odd_unit_sum", "odd_norm_sum")
+_INT_LIST_KEYS = ("prompt_count", "prompt_nonzero", "odd_count")
 ROW_KEYS: tuple[str, ...] = (
     "d",
     "n_prompts",
@@ -143,6 +143,12 @@ class PartialStats:
     prompt_norm_sum: np.ndarray  # (n_prompts,) Σ |diff| per prompt
     prompt_count: np.ndarray  # (n_prompts,) int64 samples per prompt
     prompt_nonzero: np.ndarray  # (n_prompts,) int64 non-zero samples per prompt
+    # The same per-prompt sums over the samples with an odd seed index only (the even half is the total minus
+    # these). Two independent halves of every prompt's seeds give the seed-to-seed error of a signature whose
+    # prompts are fixed (carlos_ray.uncertainty); without seed indices every sample counts as even.
+    odd_unit_sum: np.ndarray  # (n_prompts, d)
+    odd_norm_sum: np.ndarray  # (n_prompts,)
+    odd_count: np.ndarray  # (n_prompts,) int64
 
     @property
     def n_nonzero(self) -> int:
@@ -165,11 +171,15 @@ class PartialStats:
             prompt_norm_sum=_readonly(np.zeros(n_prompts)),
             prompt_count=_readonly(np.zeros(n_prompts, dtype=np.int64)),
             prompt_nonzero=_readonly(np.zeros(n_prompts, dtype=np.int64)),
+            odd_unit_sum=_readonly(np.zeros((n_prompts, d))),
+            odd_norm_sum=_readonly(np.zeros(n_prompts)),
+            odd_count=_readonly(np.zeros(n_prompts, dtype=np.int64)),
         )
 
     @classmethod
-    def from_diffs(cls, diffs: Any, prompt_idx: Any, n_prompts: int) -> PartialStats:
-        """Statistics of a batch: ``diffs`` (N, d) of any float dtype, ``prompt_idx`` (N,) ints.
+    def from_diffs(cls, diffs: Any, prompt_idx: Any, n_prompts: int, seed_idx: Any = None) -> PartialStats:
+        """Statistics of a batch: ``diffs`` (N, d) of any float dtype, ``prompt_idx`` (N,) ints, and optionally
+        ``seed_idx`` (N,) non-negative ints (the sample's seed index; it only decides the odd/even half).
 
         Rows are processed in float64 chunks of bounded size (so temporary memory does not
         grow with N) and grouped by prompt with one sort per chunk.
@@ -197,12 +207,26 @@ class PartialStats:
                 raise ValueError(
                     f"prompt_idx out of range: found {bad}, valid prompt ids are 0..{n_prompts - 1}"
                 )
+        if seed_idx is None:
+            odd_rows = np.zeros(n, dtype=bool)
+        else:
+            seed_idx = np.asarray(seed_idx)
+            if seed_idx.shape != (n,):
+                raise ValueError(f"seed_idx must have shape ({n},) to match diffs {diffs.shape}, got {seed_idx.shape}")
+            if n and not np.issubdtype(seed_idx.dtype, np.integer):
+                raise ValueError(f"seed_idx must hold integers, got dtype {seed_idx.dtype}")
+            if n and int(seed_idx.min()) < 0:
+                raise ValueError(f"seed_idx must be >= 0, found {int(seed_idx.min())}")
+            odd_rows = (seed_idx % 2).astype(bool)
 
         sum_diff = np.zeros(d)
         unit_sum = np.zeros((n_prompts, d))
         prompt_norm_sum = np.zeros(n_prompts)
         prompt_count = np.zeros(n_prompts, dtype=np.int64)
         prompt_nonzero = np.zeros(n_prompts, dtype=np.int64)
+        odd_unit_sum = np.zeros((n_prompts, d))
+        odd_norm_sum = np.zeros(n_prompts)
+        odd_count = np.zeros(n_prompts, dtype=np.int64)
         sum_norm = 0.0
         norm_m2 = 0.0
         step = max(1, _CHUNK_BYTES // (8 * d))
@@ -237,6 +261,12 @@ class PartialStats:
             np.divide(1.0, norms, out=inv, where=nonzero)
             x *= inv[:, None]  # unit vectors; zero rows stay zero
             _add_rows_by_prompt(unit_sum, p, x)
+            odd = odd_rows[start:stop]
+            if odd.any():
+                po = p[odd]
+                odd_norm_sum += np.bincount(po, weights=norms[odd], minlength=n_prompts)
+                odd_count += np.bincount(po, minlength=n_prompts)
+                _add_rows_by_prompt(odd_unit_sum, po, x[odd])
 
         return cls(
             d=d,
@@ -249,6 +279,9 @@ class PartialStats:
             prompt_norm_sum=_readonly(prompt_norm_sum),
             prompt_count=_readonly(prompt_count),
             prompt_nonzero=_readonly(prompt_nonzero),
+            odd_unit_sum=_readonly(odd_unit_sum),
+            odd_norm_sum=_readonly(odd_norm_sum),
+            odd_count=_readonly(odd_count),
         )
 
     def merge(self, other: PartialStats) -> PartialStats:
@@ -276,6 +309,9 @@ class PartialStats:
             prompt_norm_sum=_readonly(self.prompt_norm_sum + other.prompt_norm_sum),
             prompt_count=_readonly(self.prompt_count + other.prompt_count),
             prompt_nonzero=_readonly(self.prompt_nonzero + other.prompt_nonzero),
+            odd_unit_sum=_readonly(self.odd_unit_sum + other.odd_unit_sum),
+            odd_norm_sum=_readonly(self.odd_norm_sum + other.odd_norm_sum),
+            odd_count=_readonly(self.odd_count + other.odd_count),
         )
 
     @classmethod
@@ -308,6 +344,9 @@ class PartialStats:
             "prompt_norm_sum": self.prompt_norm_sum.tolist(),
             "prompt_count": self.prompt_count.tolist(),
             "prompt_nonzero": self.prompt_nonzero.tolist(),
+            "odd_unit_sum": self.odd_unit_sum.ravel().tolist(),
+            "odd_norm_sum": self.odd_norm_sum.tolist(),
+            "odd_count": self.odd_count.tolist(),
         }
 
     @classmethod
@@ -327,6 +366,9 @@ class PartialStats:
             "prompt_norm_sum": n_prompts,
             "prompt_count": n_prompts,
             "prompt_nonzero": n_prompts,
+            "odd_unit_sum": n_prompts * d,
+            "odd_norm_sum": n_prompts,
+            "odd_count": n_prompts,
         }
         arrays: dict[str, np.ndarray] = {}
         for key, length in expected_len.items():
@@ -359,6 +401,9 @@ class PartialStats:
             raise ValueError("prompt counts must satisfy 0 <= prompt_nonzero <= prompt_count")
         if int(pc.sum()) != count:
             raise ValueError(f"sum of prompt_count ({int(pc.sum())}) does not equal count ({count})")
+        oc = arrays["odd_count"]
+        if (oc < 0).any() or (oc > pc).any():
+            raise ValueError("odd counts must satisfy 0 <= odd_count <= prompt_count")
         return cls(
             d=d,
             n_prompts=n_prompts,
@@ -370,6 +415,9 @@ class PartialStats:
             prompt_norm_sum=_readonly(arrays["prompt_norm_sum"]),
             prompt_count=_readonly(pc),
             prompt_nonzero=_readonly(pnz),
+            odd_unit_sum=_readonly(arrays["odd_unit_sum"].reshape(n_prompts, d)),
+            odd_norm_sum=_readonly(arrays["odd_norm_sum"]),
+            odd_count=_readonly(oc),
         )
 
     def finalize(self, categories: Sequence[str] | None = None) -> Signature:

@@ -346,9 +346,10 @@ def adaptive_setup(tiny_config, zoo_dir, tmp_path_factory):
             shutil.copy(f, src / f.name)
     cfg = tiny_config.model_copy(deep=True)
     cfg.sampling.num_seeds = 4
+    cfg.sampling.seed_layout = "per_prompt"  # the seed errors apply once every prompt has a sample
     a = cfg.sampling.adaptive
     a.enabled, a.min_samples, a.round_fraction = True, 5, 0.2
-    a.max_direction_rse, a.max_strength_rse, a.max_consistency_se = 0.3, 0.1, 0.1
+    a.max_direction_rse, a.max_strength_rse, a.max_consistency_se = 0.3, 0.1, 0.1  # stops at rounds 1, 2, 3, 4
     path = src.parent / "adaptive.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump()))
     return {"src": src, "config": cfg, "config_path": path}

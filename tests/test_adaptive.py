@@ -70,12 +70,31 @@ def _all_diffs(cfg, jobs, plan) -> dict[str, np.ndarray]:
         torch.set_num_threads(threads)
 
 
-def _numpy_errors(x: np.ndarray, prompts: np.ndarray) -> tuple[float, float, float]:
-    """(direction rse, strength rse, consistency jackknife se) straight from the diffs."""
+def _numpy_errors(x: np.ndarray, prompts: np.ndarray, seeds: np.ndarray, n_prompts: int,
+                  independent: bool = True) -> tuple[float, float, float]:
+    """(direction rse, strength rse, consistency se) straight from the diffs, with a loop per prompt: population
+    errors (consistency: a naive delete-one-prompt jackknife) until every prompt has a sample and at least 3 have
+    both an even and an odd seed; then, if no two prompts share a seed (`independent`), seed errors from the two
+    halves of each prompt (uncertainty's module doc)."""
     n = len(x)
     mean = x.mean(axis=0)
     d_rse = math.sqrt(np.var(x, axis=0, ddof=1).sum() / n) / np.linalg.norm(mean) if np.any(mean) else 0.0
     norms = np.linalg.norm(x, axis=1)
+    units = np.array([v / nv if nv > 0 else v * 0 for v, nv in zip(x, norms)])
+    total = units.sum(axis=0)
+    split = [p for p in range(n_prompts) if len(set(seeds[prompts == p] % 2)) == 2]
+    if independent and len(set(prompts.tolist())) == n_prompts and len(split) >= 3:
+        v_norm, v_cons = {}, {}
+        for p in split:
+            even, odd = (prompts == p) & (seeds % 2 == 0), (prompts == p) & (seeds % 2 == 1)
+            k = 1 / even.sum() + 1 / odd.sum()
+            v_norm[p] = (norms[even].mean() - norms[odd].mean()) ** 2 / k
+            v_cons[p] = ((units[even] @ total).mean() - (units[odd] @ total).mean()) ** 2 / k
+        m = {p: int((prompts == p).sum()) for p in range(n_prompts)}
+        s_var = sum(m[p] * v_norm.get(p, np.mean(list(v_norm.values()))) for p in m) / n**2
+        c_var = (2 / (n * (n - 1))) ** 2 * sum(m[p] * v_cons.get(p, np.mean(list(v_cons.values()))) for p in m)
+        s_rse = math.sqrt(s_var) / norms.mean() if norms.mean() > 0 else 0.0
+        return d_rse, s_rse, math.sqrt(c_var)
     s_rse = np.std(norms, ddof=1) / math.sqrt(n) / norms.mean() if norms.mean() > 0 else 0.0
     loo = [naive_pair_mean(x[prompts != p], lambda i, j: True) for p in np.unique(prompts)]
     g = len(loo)
@@ -104,7 +123,7 @@ def test_adaptive_signatures_are_the_statistics_of_the_samples_their_rounds_took
         for r in range(1, k + 1):
             take = rounds.order[: rounds.used(r)]
             x = diffs[lid][take[:, 0], take[:, 1]]
-            d_rse, s_rse, c_se = _numpy_errors(x, take[:, 0])
+            d_rse, s_rse, c_se = _numpy_errors(x, take[:, 0], take[:, 1], len(plan.prompts), plan.independent_seeds)
             settled = len(x) >= a.min_samples and d_rse <= a.max_direction_rse and s_rse <= a.max_strength_rse \
                 and c_se <= a.max_consistency_se
             assert settled == (r == k) or (r == k == rounds.n_rounds and not settled), (row["name"], r, k)
@@ -113,7 +132,7 @@ def test_adaptive_signatures_are_the_statistics_of_the_samples_their_rounds_took
         assert row["strength"] == pytest.approx(norms.mean(), abs=1e-5)
         pairs = naive_pair_mean(x, lambda i, j: True)
         assert row["consistency"] == pytest.approx(pairs, abs=1e-5)
-        assert row["strength_se"] == pytest.approx(np.std(norms, ddof=1) / math.sqrt(len(x)), abs=1e-6)
+        assert row["strength_se"] == pytest.approx(s_rse * norms.mean(), rel=1e-4, abs=1e-6)
         assert row["consistency_se"] == pytest.approx(c_se, abs=1e-5)
         assert row["direction_rse"] == pytest.approx(d_rse, rel=1e-4, abs=1e-9)
         stopped_at[Path(row["source_path"]).stem] = k

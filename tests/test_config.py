@@ -149,6 +149,7 @@ def test_lora_scale_changes_config_hash_but_not_base_key():
         ({"generator": {"steps": 5}}, PROMPT_HASH),
         ({"sampling": {"num_seeds": 3}}, PROMPT_HASH),
         ({"sampling": {"seed_start": 7}}, PROMPT_HASH),
+        ({"sampling": {"seed_layout": "per_prompt"}}, PROMPT_HASH),
         ({"encoder": {"arch": "ViT-B-32"}}, PROMPT_HASH),
         ({}, "q" * 16),
     ],
@@ -179,6 +180,31 @@ def test_seeds_property():
     assert SamplingSpec(seed_start=0, num_seeds=1).seeds == [0]
     s = SamplingSpec(seed_start=1000, num_seeds=3)
     assert s.seeds == [1000, 1001, 1002]
+
+
+def test_the_default_seed_layout_keeps_every_existing_hash():
+    a, b = _variant(), _variant(sampling={"seed_layout": "shared"})
+    assert a.base_key(PROMPT_HASH) == b.base_key(PROMPT_HASH) and a.config_hash(PROMPT_HASH) == b.config_hash(PROMPT_HASH)
+    assert "seed_layout" not in a._base_payload(PROMPT_HASH)
+    with pytest.raises(ConfigError, match="seed_layout"):
+        Config.from_dict({"sampling": {"seed_layout": "random"}})
+
+
+def test_per_prompt_seeds_are_distinct_across_all_samples_and_shared_by_base_and_lora_rows():
+    from carlos_ray.indexing import IndexPlan
+
+    cfg = Config.from_file("conf/tiny.yaml")
+    cfg.sampling.num_seeds = 3
+    shared = IndexPlan(cfg).rows([None])
+    assert {r["seed"] for r in shared} == set(cfg.sampling.seeds)  # every prompt: the same 3 seeds
+    cfg.sampling.seed_layout = "per_prompt"
+    plan = IndexPlan(cfg)
+    base = plan.rows([None])
+    seeds = [r["seed"] for r in base]
+    assert len(set(seeds)) == len(base) == len(plan.prompts) * 3
+    n_p = len(plan.prompts)
+    assert all(r["seed"] == cfg.sampling.seed_start + r["seed_idx"] * n_p + r["prompt_idx"] for r in base)
+    assert plan.independent_seeds and not IndexPlan(Config.from_file("conf/tiny.yaml")).independent_seeds
 
 
 # ---- registries ------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from carlos_ray.uncertainty import (
     consistency_leave_one_prompt_out,
     consistency_se,
     direction_sq_error,
+    seed_consistency_se,
+    seed_strength_se,
     standard_errors,
     strength_se,
 )
@@ -151,13 +153,96 @@ def test_intervals_cover_the_full_protocol_value_under_the_adaptive_order():
         full = PartialStats.from_diffs(x.reshape(-1, d), np.repeat(np.arange(n_prompts), n_seeds), n_prompts).finalize()
         for n in (20, 40, 60):
             take = order[:n]
-            part = PartialStats.from_diffs(x[take[:, 0], take[:, 1]], take[:, 0], n_prompts)
-            sig, errs = part.finalize(), standard_errors(part)
+            part = PartialStats.from_diffs(x[take[:, 0], take[:, 1]], take[:, 0], n_prompts, take[:, 1])
+            sig, errs = part.finalize(), standard_errors(part, independent_seeds=True)
+            assert errs.basis == ("seeds" if n == 60 else "prompts")
             hits["strength"] += abs(sig.strength - full.strength) <= Z95 * errs.strength_se
             hits["consistency"] += abs(sig.consistency - full.consistency) <= Z95 * errs.consistency_se
             total += 1
     for name, h in hits.items():
         assert h / total >= 0.90, f"{name}: the full value is inside the interval {h / total:.3f} of the time"
+
+
+# ---- seed errors for fixed prompts ----------------------------------------------------------------------
+def _fixed_prompt_world(rng, n_prompts: int, d: int):
+    """Strong prompt effects (every prompt has its own mean diff) and independent seed noise around them."""
+    mu = rng.normal(size=d)
+    prompt_mean = mu + rng.normal(size=(n_prompts, d)) * 1.2
+    scale = rng.uniform(0.4, 1.0, size=(n_prompts, 1))
+    return lambda n_seeds: prompt_mean[:, None, :] + rng.standard_t(6, size=(n_prompts, n_seeds, d)) * scale[:, :, None]
+
+
+def test_odd_seed_sums_are_the_sums_over_odd_seed_samples():
+    rng = np.random.default_rng(11)
+    n_prompts, d = 5, 4
+    p = rng.integers(0, n_prompts, 60)
+    s = rng.integers(0, 7, 60)
+    x = rng.normal(size=(60, d))
+    x[4] = 0.0
+    part = _partial_in_chunks(x, p, n_prompts, 3, rng)  # without seed indices: every sample is even
+    assert not part.odd_count.any() and not part.odd_unit_sum.any()
+    order = rng.permutation(60)
+    parts = [PartialStats.from_diffs(x[i], p[i], n_prompts, s[i]) for i in np.array_split(order, 4)]
+    part = PartialStats.merge_all(parts)
+    for q in range(n_prompts):
+        odd = (p == q) & (s % 2 == 1)
+        norms = np.linalg.norm(x[odd], axis=1)
+        units = np.array([v / nv if nv else v for v, nv in zip(x[odd], norms)]).reshape(-1, d)
+        assert part.odd_count[q] == odd.sum()
+        assert part.odd_norm_sum[q] == pytest.approx(norms.sum(), rel=1e-12)
+        np.testing.assert_allclose(part.odd_unit_sum[q], units.sum(axis=0), rtol=1e-12, atol=1e-14)
+    back = PartialStats.from_row(part.to_row())
+    np.testing.assert_array_equal(back.odd_unit_sum, part.odd_unit_sum)
+    with pytest.raises(ValueError, match="seed_idx must be >= 0"):
+        PartialStats.from_diffs(x[:2], p[:2], n_prompts, [0, -1])
+    with pytest.raises(ValueError, match="odd_count <= prompt_count"):
+        PartialStats.from_row({**part.to_row(), "odd_count": (part.prompt_count + 1).tolist()})
+
+
+def test_seed_errors_match_the_seed_to_seed_spread_of_a_fixed_prompt_set():
+    """The same 16 prompts, 300 independent draws of 4 seeds each: the stated seed errors of strength and
+    consistency match the standard deviation of the estimates across draws (a Monte Carlo, not a formula), while
+    the population errors (prompt jackknife) are several times larger: they count the prompts' spread, which a
+    fixed prompt set does not have."""
+    rng = np.random.default_rng(4)
+    n_prompts, n_seeds, d = 16, 4, 8
+    draw = _fixed_prompt_world(rng, n_prompts, d)
+    p = np.repeat(np.arange(n_prompts), n_seeds)
+    s = np.tile(np.arange(n_seeds), n_prompts)
+    est_s, est_c, se_s, se_c, pop_c = [], [], [], [], []
+    for _ in range(300):
+        x = draw(n_seeds).reshape(-1, d)
+        part = PartialStats.from_diffs(x, p, n_prompts, s)
+        sig, errs = part.finalize(), standard_errors(part, independent_seeds=True)
+        assert errs.basis == "seeds"
+        est_s.append(sig.strength)
+        est_c.append(sig.consistency)
+        se_s.append(errs.strength_se)
+        se_c.append(errs.consistency_se)
+        pop_c.append(consistency_se(part))
+    assert est_c[-1] == pytest.approx(naive_pair_mean(x, lambda i, j: True), rel=1e-9)
+    sd_s, sd_c = float(np.std(est_s, ddof=1)), float(np.std(est_c, ddof=1))
+    rms_s, rms_c = math.sqrt(np.mean(np.square(se_s))), math.sqrt(np.mean(np.square(se_c)))
+    assert 0.8 <= rms_s / sd_s <= 1.25, (rms_s, sd_s)
+    assert 0.8 <= rms_c / sd_c <= 1.25, (rms_c, sd_c)
+    assert float(np.mean(pop_c)) > 2 * sd_c
+    assert seed_strength_se(part) == errs.strength_se and seed_consistency_se(part) == errs.consistency_se
+
+
+def test_seed_errors_need_every_prompt_and_three_split_prompts_and_independent_seeds():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(12, 3)) + 1.0
+    p = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3])
+    s = np.repeat([0, 1, 2], 4)
+    full = PartialStats.from_diffs(x, p, 4, s)
+    assert standard_errors(full, independent_seeds=True).basis == "seeds"
+    assert standard_errors(full).basis == "prompts"  # shared seeds: never the split errors
+    assert standard_errors(full).consistency_se == consistency_se(full)
+    two_split = PartialStats.from_diffs(x[:6], p[:6], 4, s[:6])  # only prompts 0 and 1 have an odd seed
+    assert standard_errors(two_split, independent_seeds=True).basis == "prompts"
+    missing = PartialStats.from_diffs(x[p != 3], p[p != 3], 4, s[p != 3])  # prompt 3 never sampled
+    assert standard_errors(missing, independent_seeds=True).basis == "prompts"
+    assert math.isnan(seed_consistency_se(missing)) and math.isnan(seed_strength_se(missing))
 
 
 # ---- what users see -------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ class LoraPass:
             self.carries[lid] = None
             logger.info("[%d/%d] rejected %s: %s", position, len(self.todo), job.name, reject[1])
         else:
-            errs = standard_errors(total)
+            errs = standard_errors(total, self.plan.independent_seeds)
             if rounds is not None and not last and not rounds.rule.settled(errs, carry.rounds_done):
                 self.pending["partials"].append(rounds.row(lid, carry))
                 self.carries[lid] = carry

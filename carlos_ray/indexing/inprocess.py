@@ -46,6 +46,6 @@ def _signatures_in_process(cfg: Config, plan: "IndexPlan", jobs: list[LoraJob], 
     for job in jobs:
         rows = plan.rows([job])
         diffs = embed_rows(rows, job) - base
-        out[job.lora_id] = PartialStats.from_diffs(diffs, np.array([r["prompt_idx"] for r in rows]),
-                                                   len(plan.prompts)).finalize(plan.categories)
+        out[job.lora_id] = PartialStats.from_diffs(diffs, np.array([r["prompt_idx"] for r in rows]), len(plan.prompts),
+                                                   np.array([r["seed_idx"] for r in rows])).finalize(plan.categories)
     return out

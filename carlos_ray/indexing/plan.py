@@ -61,8 +61,19 @@ class IndexPlan:
                 pi, si = int(pi), int(si)
                 out.append({"lora_id": job.lora_id if job else "", "lora_path": job.path if job else "",
                             "prompt": lora_prompt(self.prompts.prompts[pi].text, job, self.cfg), "prompt_idx": pi,
-                            "seed_idx": si, "seed": self.seeds[si]})
+                            "seed_idx": si, "seed": self.seed(pi, si)})
         return out
+
+    @property
+    def independent_seeds(self) -> bool:
+        """True when no two prompts share a seed (`sampling.seed_layout: per_prompt`)."""
+        return self.cfg.sampling.seed_layout == "per_prompt"
+
+    def seed(self, prompt_idx: int, seed_idx: int) -> int:
+        """The generation seed of sample (prompt, seed index) under the config's seed layout."""
+        if self.independent_seeds:
+            return self.cfg.sampling.seed_start + seed_idx * len(self.prompts) + prompt_idx
+        return self.seeds[seed_idx]
 
     def manifest_fields(self) -> dict:
         c = self.cfg

@@ -165,7 +165,7 @@ class EmbedDiff:
             sel = ids == lid
             good = sel & ok
             diffs = emb[good] - self.base[pidx[good], sidx[good]]
-            part = PartialStats.from_diffs(diffs, pidx[good], self.n_prompts) if good.any() else PartialStats.empty(
+            part = PartialStats.from_diffs(diffs, pidx[good], self.n_prompts, sidx[good]) if good.any() else PartialStats.empty(
                 self.enc.embed_dim, self.n_prompts)
             errs = [e for e in batch["error"][sel] if e]
             row = {"lora_id": lid, "n_rows": int(sel.sum()), "sample_keys": (pidx[sel] << 32 | sidx[sel]).tolist(), "n_nonfinite": int((sel & ~ok).sum()) - (int(sel.sum()) if errs else 0),
