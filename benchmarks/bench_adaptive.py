@@ -150,8 +150,8 @@ def replay(full_index: str, cfg, bounds: dict, z: float) -> dict[str, dict]:
         cube[pidx[sel], sidx[sel]] = x_all[sel]
         for r in range(1, plan.rounds.n_rounds + 1):
             take = plan.rounds.order[: plan.rounds.used(r)]
-            part = PartialStats.from_diffs(cube[take[:, 0], take[:, 1]], take[:, 0], n_p)
-            errs = standard_errors(part)
+            part = PartialStats.from_diffs(cube[take[:, 0], take[:, 1]], take[:, 0], n_p, take[:, 1])
+            errs = standard_errors(part, plan.independent_seeds)
             if rule.settled(errs, r) or r == plan.rounds.n_rounds:
                 break
         sig = part.finalize()
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("round_fraction", "max_direction_rse", "max_strength_rse", "max_consistency_se"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"sampling.adaptive.{name}")
     ap.add_argument("--min-samples", type=int, default=None, help="sampling.adaptive.min_samples")
+    ap.add_argument("--seed-layout", choices=("shared", "per_prompt"), default=None,
+                    help="sampling.seed_layout of both runs (default: the config's)")
     args = ap.parse_args(argv)
 
     import logging
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path = args.config or ("conf/tiny.yaml" if args.quick else "conf/micro.yaml")
     cfg = Config.from_file(cfg_path)
     cfg.sampling.num_seeds = args.seeds or (8 if args.quick else 16)
+    if args.seed_layout:
+        cfg.sampling.seed_layout = args.seed_layout
     if args.prompt_subset != "__config__":
         cfg.sampling.prompt_subset = args.prompt_subset or None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_adaptive_"))
