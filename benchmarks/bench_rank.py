@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -115,19 +116,11 @@ def same_ranking(hits, expected) -> tuple[bool, float]:
 
 
 def reference_style_loop(df, q: np.ndarray, k: int = K) -> list[tuple[float, str]]:
-    scored = []
-    for _, series in df.iterrows():
-        row = series.to_dict()
-        if row["strength"] > PAPER_MAX_STRENGTH or row["consistency"] < PAPER_MIN_CONSISTENCY:
-            continue
-        v = np.asarray(row["direction"], dtype=np.float64)
-        cos = float(np.dot(v, q) / (np.linalg.norm(v) * np.linalg.norm(q)))
-        scored.append((cos, row["lora_id"]))
-    scored.sort(key=lambda s: (-s[0], s[1]))
-    return scored[:k]
+    """The dict-row loop fed the way the reference does: one pandas row at a time."""
+    return dict_row_loop((series.to_dict() for _, series in df.iterrows()), q, k)
 
 
-def dict_row_loop(rows: list[dict], q: np.ndarray, k: int = K) -> list[tuple[float, str]]:
+def dict_row_loop(rows: Iterable[dict], q: np.ndarray, k: int = K) -> list[tuple[float, str]]:
     scored = []
     for row in rows:
         if row["strength"] > PAPER_MAX_STRENGTH or row["consistency"] < PAPER_MIN_CONSISTENCY:

@@ -12,13 +12,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _bench(name: str, *args: str, timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run benchmarks/<name>.py with these arguments from the repository root."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def test_bench_consistency_quick(tmp_path):
     out = tmp_path / "consistency.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_consistency.py"), "--quick", "--repeats", "2",
-         "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    proc = _bench("bench_consistency", "--quick", "--repeats", "2", "--out", str(out), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| N (prompts x seeds) |" in proc.stdout
     result = json.loads(out.read_text())
@@ -34,10 +36,7 @@ def test_bench_consistency_quick(tmp_path):
 
 def test_bench_rank_quick(tmp_path):
     out = tmp_path / "rank.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_rank.py"), "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    proc = _bench("bench_rank", "--quick", "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| size | first pass | p50 ms | p99 ms |" in proc.stdout
     result = json.loads(out.read_text())
@@ -51,10 +50,7 @@ def test_bench_rank_quick(tmp_path):
 
 def test_bench_query_quick(tmp_path):
     out = tmp_path / "query.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_query.py"), "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
-    )
+    proc = _bench("bench_query", "--quick", "--out", str(out), timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "| query words | plain (ms) | fast (ms) | speedup |" in proc.stdout
     result = json.loads(out.read_text())
@@ -70,10 +66,7 @@ def test_bench_query_quick(tmp_path):
 
 def test_bench_serve_quick(tmp_path):
     out = tmp_path / "serve.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
-    )
+    proc = _bench("bench_serve", "--quick", "--out", str(out), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| encoder batching | clients | requests | rps | p50 ms | p99 ms | errors | largest batch |" in proc.stdout
     result = json.loads(out.read_text())
@@ -89,10 +82,7 @@ def test_bench_serve_quick(tmp_path):
 def test_bench_index_quick(tmp_path):
     out = tmp_path / "index.json"
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_index.py"), "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
-    )
+    proc = _bench("bench_index", "--quick", "--out", str(out), timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ratio job / loop |" in proc.stdout
     result = json.loads(out.read_text())
@@ -102,8 +92,7 @@ def test_bench_index_quick(tmp_path):
 
 def test_bench_commit_quick(tmp_path):
     out = tmp_path / "commit.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_commit.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = _bench("bench_commit", "--quick", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     store, reread = data["results"]
@@ -114,8 +103,7 @@ def test_bench_commit_quick(tmp_path):
 
 def test_bench_behavior_quick(tmp_path):
     out = tmp_path / "behavior.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_behavior.py"), "--quick", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = _bench("bench_behavior", "--quick", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "| stage | seconds | peak MB | quality |" in proc.stdout and "share a name stem" in proc.stdout
     result = json.loads(out.read_text())
@@ -130,11 +118,7 @@ def test_bench_behavior_quick(tmp_path):
 @pytest.mark.slow
 def test_bench_adaptive_quick(tmp_path):
     out = tmp_path / "adaptive.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_adaptive.py"), "--quick", "--workdir", str(tmp_path / "w"),
-         "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=1800,
-    )
+    proc = _bench("bench_adaptive", "--quick", "--workdir", str(tmp_path / "w"), "--out", str(out), timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| LoRA images per LoRA, mean |" in proc.stdout and "GPU-h per LoRA" in proc.stdout
     result = json.loads(out.read_text())
