@@ -131,3 +131,16 @@ def test_bench_adaptive_quick(tmp_path):
     assert abs(own["images_mean"] - result["adaptive"]["images_mean"]) <= 0.25 * full_n
     p = result["projection"]
     assert p["full_images"] == 4480 and abs(p["gpu_seconds_per_image"] - 7 * 3600 / 4480) < 1e-9
+
+
+def test_bench_scale_response_on_a_tiny_lora(tmp_path, zoo_dir):
+    out = tmp_path / "scale.json"
+    lora = Path(zoo_dir) / "styles" / "style_00.safetensors"
+    proc = _bench("bench_scale_response", str(lora), "--config", "conf/tiny.yaml", "--scales", "0.5,2", "--out", str(out),
+                  timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| scale | strength | consistency | cosine to scale 1 |" in proc.stdout
+    rows = {r["scale"]: r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == [0.5, 1.0, 2.0]
+    assert rows[1.0]["cosine_to_1"] == pytest.approx(1.0) and rows[1.0]["strength_ratio_to_1"] == pytest.approx(1.0)
+    assert rows[0.5]["strength"] < rows[1.0]["strength"] < rows[2.0]["strength"]  # a bigger delta changes images more
