@@ -28,7 +28,11 @@ QUERIES = [
     {"q": "neon city at night", "k": 8, "max_strength": "inf", "min_consistency": 0},
     {"q": "  a crisp sharp look  ", "k": 3, "min_consistency": 0.01},
 ]
-REL, ABS = 1e-6, 1e-6  # two runs of the same index agree to float32 rounding (Ray merges partials in any order)
+# Numbers within 3% (or 6e-4): the same code on another CPU drifts that far. The tiny diffusion loop amplifies
+# float32 kernel differences (ISA dispatch: AVX2 / AVX-512); on 2026-12-02's machine (AMD EPYC, AVX-512) the code
+# of the recording commit itself gave up to 0.9% relative / 3.6e-4 absolute off the file, while every id, order,
+# status, exit code and error line stayed exact. Those stay compared exactly.
+REL, ABS = 3e-2, 6e-4
 
 
 def build_index(root: Path) -> str:
