@@ -60,10 +60,9 @@ for d, s, c, m in grid:
 # against a delete-one-seed jackknife (seed index j of every prompt left out together: it sees any correlation between
 # prompts that share a seed), and the spread of the 2-seed estimates over all seed pairs against their stated error.
 from carlos_ray.signatures import PartialStats
-from carlos_ray.store import Index as _Index
 from carlos_ray.uncertainty import seed_consistency_se
 
-diffs = _Index(FULL).snapshot().table("diffs")
+diffs = Index(FULL).snapshot().table("diffs")
 lids = np.asarray(diffs.column("lora_id").to_pylist())
 pidx, sidx = diffs.column("prompt_idx").to_numpy(), diffs.column("seed_idx").to_numpy()
 x_all = np.asarray(diffs.column("diff").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float64)
@@ -71,13 +70,8 @@ x_all = x_all.reshape(len(lids), -1)
 n_p, n_s = int(pidx.max()) + 1, int(sidx.max()) + 1
 
 
-def _cons(x):
-    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
-    t = u.sum(axis=0)
-    return float((t @ t - np.count_nonzero(np.any(x, axis=1))) / (len(x) * (len(x) - 1)))
-
-
 def _part(cube):
+    """The partial of a (prompts, seeds, d) cube, seed index = position along axis 1."""
     k = cube.shape[1]
     return PartialStats.from_diffs(cube.reshape(-1, cube.shape[2]), np.repeat(np.arange(n_p), k), n_p,
                                    np.tile(np.arange(k), n_p))
@@ -90,12 +84,13 @@ for lid in full:
     cube[pidx[sel], sidx[sel]] = x_all[sel]
     if not np.any(cube):
         continue
-    loo = np.array([_cons(np.delete(cube, j, axis=1).reshape(-1, cube.shape[2])) for j in range(n_s)])
+    loo = np.array([_part(np.delete(cube, j, axis=1)).finalize().consistency for j in range(n_s)])
     jack = float(np.sqrt((n_s - 1) / n_s * np.sum((loo - loo.mean()) ** 2)))
     ratios.append(seed_consistency_se(_part(cube)) / jack)
     pairs = [(a, b) for a in range(n_s) for b in range(a + 1, n_s)]
-    est = [_cons(cube[:, [a, b]].reshape(-1, cube.shape[2])) for a, b in pairs]
-    stated = [seed_consistency_se(_part(cube[:, [a, b]])) for a, b in pairs]
+    parts = [_part(cube[:, [a, b]]) for a, b in pairs]
+    est = [q.finalize().consistency for q in parts]
+    stated = [seed_consistency_se(q) for q in parts]
     pair_ratios.append(float(np.sqrt(np.mean(np.square(stated)))) / float(np.std(est)))
 seed_check = {"seed_layout": cfg.sampling.seed_layout, "split_over_seed_jackknife": np.percentile(ratios, [10, 50, 90]).tolist(),
               "stated_over_spread_2_seeds": np.percentile(pair_ratios, [10, 50, 90]).tolist()}
