@@ -104,7 +104,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
-    small, large = (8, 12) if args.quick else (8, 32)
+    small, large = (3, 5) if args.quick else (8, 32)  # quick: a smoke run of every code path
     cfg = Config.from_file(args.config)
     if args.quick:
         cfg.sampling.num_seeds = 1
@@ -114,7 +114,7 @@ def main() -> int:
         if started_ray:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         zoo = work / "zoo"
-        make_zoo(zoo, n=large, seed=1)
+        make_zoo(zoo, n=max(large, 8), seed=1)  # make_zoo plants every behaviour: n >= 8
         jobs, _, _ = collect_sources([str(zoo)], generator_lora_targets(cfg.generator))
         jobs = sorted(jobs, key=lambda j: j.path)
         plan = IndexPlan(cfg)

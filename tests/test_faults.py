@@ -198,6 +198,7 @@ def test_job_killed_at_random_points_then_resumed_equals_uninterrupted_run(ray_s
     assert len(Index(str(idx)).snapshot().rejects().to_pylist()) == 2
 
 
+@pytest.mark.slow  # a second, two-node cluster of its own: ~85 s; make test-all runs it
 def test_worker_node_removed_mid_job_on_a_multi_node_cluster(built_index, zoo_dir, tmp_path):
     names = sorted(p.name for p in Path(zoo_dir).glob("*.safetensors"))[:5]
     assert len(names) == 5

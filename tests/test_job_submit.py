@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from carlos_ray.store import Index
+from tests.test_faults import _assert_same_signatures, _rows, _zoo_ids
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -67,9 +68,9 @@ def token_head(tmp_path):
             time.sleep(2)
         yield {"url": url, "env": env, "home": home}
     finally:
-        try:
+        try:  # a graceful stop first; Ray's own shutdown can take half a minute on 2 busy cores
             os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
+            head.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(head.pid, signal.SIGKILL)
@@ -79,8 +80,14 @@ def token_head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_job_submit_with_token_auth(token_head, zoo_dir, tmp_path):
+def test_job_submit_with_token_auth(token_head, built_index, zoo_dir, tmp_path):
     env, url = token_head["env"], token_head["url"]
+    names = sorted(p.name for p in Path(zoo_dir).glob("*.safetensors"))[:3]
+    src = tmp_path / "src"  # three LoRAs with their sidecars: the job path, not the zoo's size, is under test
+    src.mkdir()
+    for n in names:
+        for f in Path(zoo_dir).glob(n.removesuffix(".safetensors") + ".*"):
+            shutil.copy(f, src / f.name)
 
     # without the token the job API refuses
     other_home = tmp_path / "nohome"
@@ -93,7 +100,7 @@ def test_job_submit_with_token_auth(token_head, zoo_dir, tmp_path):
     deadline = time.time() + 240
     while True:
         r = _ray("job", "submit", "--address", url, "--working-dir", str(REPO), "--", "python", "jobs/index.py",
-                 "--config", "conf/tiny.yaml", "--loras", str(zoo_dir), "--index", str(idx), env=env, timeout=900)
+                 "--config", "conf/tiny.yaml", "--loras", str(src), "--index", str(idx), env=env, timeout=900)
         out = r.stdout + r.stderr
         # the dashboard answers before the node's job agent has registered; the job was not created: retry
         if r.returncode == 0 or "No available agent" not in out or time.time() > deadline:
@@ -102,4 +109,6 @@ def test_job_submit_with_token_auth(token_head, zoo_dir, tmp_path):
     assert r.returncode == 0, out[-4000:]
     assert "succeeded" in out, out[-4000:]
     sig = Index(str(idx)).snapshot().signatures()
-    assert sig is not None and sig.num_rows == 10
+    assert sig is not None and sig.num_rows == 3
+    # the submitted job computes the same signatures as the suite's in-process Ray Data run
+    _assert_same_signatures(_rows(str(idx)), _rows(built_index["index"]), _zoo_ids(built_index, zoo_dir, names))
