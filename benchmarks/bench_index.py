@@ -100,7 +100,7 @@ def main() -> int:
     from carlos_ray.runtime import quiet_libraries
     from carlos_ray.models.generator import generator_lora_targets
     from carlos_ray.store import Index
-    from carlos_ray.zoo import make_zoo
+    from carlos_ray.zoo import MIN_ZOO_SIZE, make_zoo
 
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
@@ -114,7 +114,7 @@ def main() -> int:
         if started_ray:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         zoo = work / "zoo"
-        make_zoo(zoo, n=max(large, 8), seed=1)  # make_zoo plants every behaviour: n >= 8
+        make_zoo(zoo, n=max(large, MIN_ZOO_SIZE), seed=1)
         jobs, _, _ = collect_sources([str(zoo)], generator_lora_targets(cfg.generator))
         jobs = sorted(jobs, key=lambda j: j.path)
         plan = IndexPlan(cfg)

@@ -120,9 +120,13 @@ def write_sidecar(path: Path, name: str, description: str, trigger_words: list[s
     (path.parent / (path.name[: -len(".safetensors")] + ".civitai.info")).write_text(json.dumps(info, indent=1))
 
 
+#: the smallest zoo that holds every planted behavior
+MIN_ZOO_SIZE = 8
+
+
 def make_zoo(directory: str | Path, n: int = 12, seed: int = 0) -> list[dict]:
-    """Write a zoo of `n` LoRAs (n >= 8) into `directory`; returns the member list (also in zoo.json)."""
-    if n < 8:
+    """Write a zoo of `n` LoRAs (n >= MIN_ZOO_SIZE) into `directory`; returns the member list (also in zoo.json)."""
+    if n < MIN_ZOO_SIZE:
         raise ValueError(f"a zoo needs n >= 8 to hold every planted behavior, got n={n}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

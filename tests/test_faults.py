@@ -56,6 +56,17 @@ def _zoo_ids(built_index, zoo_dir, names=None) -> set[str]:
             and (names is None or Path(r["source_path"]).name in names)}
 
 
+def copy_loras(zoo_dir, dest: Path, n: int) -> list[str]:
+    """Copy the first ``n`` LoRAs of ``zoo_dir`` (by file name) with their sidecars into ``dest``; returns the names."""
+    names = sorted(p.name for p in Path(zoo_dir).glob("*.safetensors"))[:n]
+    assert len(names) == n
+    dest.mkdir()
+    for name in names:  # with their sidecars: trigger words change the prompts
+        for f in Path(zoo_dir).glob(name.removesuffix(".safetensors") + ".*"):
+            shutil.copy(f, dest / f.name)
+    return names
+
+
 def _generation_actor_pids() -> set[int]:
     out = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -200,13 +211,8 @@ def test_job_killed_at_random_points_then_resumed_equals_uninterrupted_run(ray_s
 
 @pytest.mark.slow  # a second, two-node cluster of its own: ~85 s; make test-all runs it
 def test_worker_node_removed_mid_job_on_a_multi_node_cluster(built_index, zoo_dir, tmp_path):
-    names = sorted(p.name for p in Path(zoo_dir).glob("*.safetensors"))[:5]
-    assert len(names) == 5
     src = tmp_path / "src"
-    src.mkdir()
-    for n in names:  # with their sidecars: trigger words change the prompts
-        for f in Path(zoo_dir).glob(n.removesuffix(".safetensors") + ".*"):
-            shutil.copy(f, src / f.name)
+    names = copy_loras(zoo_dir, src, 5)
     idx, result = tmp_path / "idx", tmp_path / "result.json"
     cmd = [sys.executable, "-m", "tests.cluster_job", "--loras", str(src), "--index", str(idx), "--result", str(result)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

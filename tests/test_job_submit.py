@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from carlos_ray.store import Index
-from tests.test_faults import _assert_same_signatures, _rows, _zoo_ids
+from tests.test_faults import _assert_same_signatures, _rows, _zoo_ids, copy_loras
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -82,12 +82,8 @@ def token_head(tmp_path):
 
 def test_job_submit_with_token_auth(token_head, built_index, zoo_dir, tmp_path):
     env, url = token_head["env"], token_head["url"]
-    names = sorted(p.name for p in Path(zoo_dir).glob("*.safetensors"))[:3]
-    src = tmp_path / "src"  # three LoRAs with their sidecars: the job path, not the zoo's size, is under test
-    src.mkdir()
-    for n in names:
-        for f in Path(zoo_dir).glob(n.removesuffix(".safetensors") + ".*"):
-            shutil.copy(f, src / f.name)
+    src = tmp_path / "src"  # three LoRAs: the job path, not the zoo's size, is under test
+    names = copy_loras(zoo_dir, src, 3)
 
     # without the token the job API refuses
     other_home = tmp_path / "nohome"
