@@ -63,8 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"scale": s, "strength": sig.strength, "consistency": sig.consistency, "cosine_to_1": cos,
                      "strength_ratio_to_1": sig.strength / sigs[1.0].strength})
         print(f"| {s:g} | {sig.strength:.2f} | {sig.consistency:.3f} | {cos:.3f} | {rows[-1]['strength_ratio_to_1']:.2f} |")
+    # a scale family is found through its parallel pairs: every scale against every other
+    keys = list(sigs)
+    unit = np.stack([sigs[k].direction / np.linalg.norm(sigs[k].direction) for k in keys])
+    cos_matrix = unit @ unit.T
+    print("\ncosine between scales\n")
+    print("| scale | " + " | ".join(f"{k:g}" for k in keys) + " |")
+    print("| ---: |" + " ---: |" * len(keys))
+    for k, row in zip(keys, cos_matrix):
+        print(f"| {k:g} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"lora": str(src), "config": args.config, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"lora": str(src), "config": args.config, "rows": rows,
+                                    "scales": keys, "cosine_matrix": cos_matrix.tolist()}, indent=1))
     return 0
 
 

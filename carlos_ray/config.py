@@ -199,6 +199,20 @@ class QuerySpec(StrictModel):
     cache_size: int = Field(4096, ge=0, description="LRU cache of encoded queries.")
 
 
+class BehaviorSpec(StrictModel):
+    """How tags, groups and duplicates read an index built with this profile (stored in its manifest)."""
+
+    family_min_cosine: float = Field(
+        0.95, gt=0, le=1,
+        description="Cosine from which two LoRAs of different strength are one scale family (duplicates need "
+                    "cosine >= 0.95 and a similar strength). A model whose image features saturate turns a "
+                    "LoRA's direction as its weight changes: set it below 0.95 there (conf/micro.yaml).")
+    group_max_distance: float = Field(
+        0.15, gt=0, le=2,
+        description="Content groups: largest average cosine distance of a merge (0.15: members of a group have "
+                    "a mean cosine >= 0.85). See carlos_ray.behavior.groups.")
+
+
 class Config(StrictModel):
     name: str = Field("custom", description="Free-form name of this configuration.")
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec, description="Diffusion generator.")
@@ -207,6 +221,7 @@ class Config(StrictModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray actor pools.")
     indexing: IndexingSpec = Field(default_factory=IndexingSpec, description="Index contents and rejection policy.")
     query: QuerySpec = Field(default_factory=QuerySpec, description="Query encoding.")
+    behavior: BehaviorSpec = Field(default_factory=BehaviorSpec, description="Tags, groups and duplicates.")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":

@@ -93,6 +93,8 @@ class Manifest(BaseModel):
     source: str | None = Field(None, description="Where an imported index came from.")
     has_base_cache: bool | None = Field(None, description="False for an imported index without base images.")
     imported_from: dict[str, Any] | None = Field(None, description="Path and SHA-256 of an imported reference file.")
+    behavior: dict[str, Any] | None = Field(None, description="Scale-family cosine and group distance of the profile "
+                                            "(`config.BehaviorSpec`); None: the defaults.")
     tagging: dict[str, Any] | None = Field(None, description="How the `tags` table was made: vocabulary, calibration, "
                                            "settings and the cache key of the tag vectors (`carlos-ray tags`).")
 

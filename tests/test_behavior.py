@@ -68,16 +68,25 @@ def test_behavioural_duplicates_match_naive_pair_loop():
 
 def test_duplicates_of_one_row_matches_naive_loop():
     x, s = _planted_signatures(1)
-    for row in (0, 4, 51):
-        dups, rel = duplicates_of(row, x, s, min_cosine=0.95, min_strength_ratio=0.8)
-        exp_d, exp_r = set(), set()
-        for b in range(len(x)):
-            if b == row or _cos(x[row], x[b]) < 0.95:
-                continue
-            r = min(s[row], s[b]) / max(s[row], s[b])
-            (exp_d if r >= 0.8 else exp_r).add((min(row, b), max(row, b)))
-        assert {(p.a, p.b) for p in dups} == exp_d
-        assert {(p.a, p.b) for p in rel} == exp_r
+    # a looser family cosine: rows 50..53 are a family at 0.85 but not all pairs at 0.99
+    x[50:54] += 0.3 * np.random.default_rng(9).standard_normal((4, x.shape[1])) * np.linalg.norm(x[50:54], axis=1, keepdims=True) / np.sqrt(x.shape[1])
+    for fam_cos in (0.95, 0.85, None):
+        for row in (0, 4, 51):
+            dups, rel = duplicates_of(row, x, s, min_cosine=0.95, min_strength_ratio=0.8, family_min_cosine=fam_cos)
+            exp_d, exp_r = set(), set()
+            for b in range(len(x)):
+                if b == row:
+                    continue
+                c = _cos(x[row], x[b])
+                r = min(s[row], s[b]) / max(s[row], s[b])
+                if r >= 0.8 and c >= 0.95:
+                    exp_d.add((min(row, b), max(row, b)))
+                elif r < 0.8 and c >= (0.95 if fam_cos is None else fam_cos):
+                    exp_r.add((min(row, b), max(row, b)))
+            assert {(p.a, p.b) for p in dups} == exp_d
+            assert {(p.a, p.b) for p in rel} == exp_r
+            if row == 51 and fam_cos == 0.85:
+                assert exp_r  # the looser family cosine finds relatives the strict one may not
 
 
 def test_duplicates_cap_zero_and_excluded_rows():
@@ -168,7 +177,7 @@ def test_tree_cut_matches_scipy_and_silhouette_matches_naive_loop():
     for k, labels in cuts.items():
         assert adjusted_rand_score(fcluster(z, k, criterion="maxclust"), labels) == pytest.approx(1.0)
 
-    g = group_directions(x, seed=0)
+    g = group_directions(x, seed=0, max_distance=0.5)  # loose clusters (noise 0.8): cosines ~0.6 inside
     lab = g.labels
     sil = []
     for i in range(40):  # naive silhouette (singletons score 0)
@@ -207,6 +216,8 @@ def _tag_world(seed: int = 0, n: int = 300, t: int = 40, d: int = 64):
 
 def _naive_scores(x, tags, calibration, margin=0.1):
     c = np.array([[_cos(a, b) for b in tags] for a in x])
+    if calibration == "centered":
+        return c - c.mean(axis=0)
     if calibration == "zscore":
         return (c - c.mean(axis=0)) / c.std(axis=0)
     if calibration == "margin":
@@ -214,13 +225,14 @@ def _naive_scores(x, tags, calibration, margin=0.1):
     return c
 
 
-@pytest.mark.parametrize("calibration", ["zscore", "rank", "margin"])
+@pytest.mark.parametrize("calibration", ["centered", "zscore", "rank", "margin"])
 def test_assign_tags_matches_full_matrix(calibration):
     x, tags, _ = _tag_world(n=60, t=12)
-    thr = {"zscore": {"z_min": 1.0}, "rank": {"min_cosine": 0.2}, "margin": {"margin": 0.15}}[calibration]
+    thr = {"centered": {"min_shift": 0.05}, "zscore": {"z_min": 1.0}, "rank": {"min_cosine": 0.2},
+           "margin": {"margin": 0.15}}[calibration]
     got = assign_tags(x, tags, calibration=calibration, max_tags=3, block_rows=16, **thr)
     score = _naive_scores(x, tags, calibration)
-    cut = {"zscore": 1.0, "rank": 0.2, "margin": 0.15}[calibration]
+    cut = {"centered": 0.05, "zscore": 1.0, "rank": 0.2, "margin": 0.15}[calibration]
     for i in range(len(x)):
         order = sorted(range(len(tags)), key=lambda t: -score[i, t])
         assert got.top1[i] == order[0]
@@ -238,10 +250,12 @@ def test_tag_statistics_and_calibrations_on_a_generic_tag():
     np.testing.assert_allclose(st50.std, c.std(axis=0), atol=1e-12)
     assert st.count == 300
     z = assign_tags(x, tags, calibration="zscore", stats=st)
+    ce = assign_tags(x, tags, calibration="centered", stats=st)
     r = assign_tags(x, tags, calibration="rank")
-    # the generic word looks most similar to every LoRA by raw cosine; per-tag z-scores see through it
+    # the generic word looks most similar to every LoRA by raw cosine; per-tag statistics see through it
     assert (r.top1 == 0).mean() > 0.9
     assert (z.top1 == planted).mean() >= 0.9
+    assert (ce.top1 == planted).mean() >= 0.9
 
 
 def test_tag_vectors_equal_the_plain_query_encoder_and_vocabulary_checks(tmp_path):
@@ -285,7 +299,8 @@ def test_evaluate_against_planted_truth_and_a_corrupted_one():
     behaviour = {ids[i]: words[p] for i, p in enumerate(planted)} | {"l24": words[0], "l25": words[1]}
     truth = Truth(behaviour, near_duplicates=[("l0", "l24")], scale_families=[["l1", "l25"]])
     res = evaluate(ids, x, s, tags, words, truth)
-    assert res["tags"]["zscore"]["top1_accuracy"] == 1.0 and res["calibration"] == "zscore"
+    assert res["tags"]["zscore"]["top1_accuracy"] == 1.0 and res["tags"]["centered"]["top1_accuracy"] == 1.0
+    assert res["calibration"] == "centered"  # ties go to the default
     assert res["groups"]["ari"] == pytest.approx(1.0)
     assert res["duplicates"]["planted_found"] == 1 and res["duplicates"]["different_behaviour_pairs"] == []
     assert all(res["targets"].values()), res["targets"]

@@ -118,21 +118,25 @@ def tiny_tag_index(tmp_path_factory):
 def test_tag_index_matches_plain_vectors_and_numpy_zscores(tiny_tag_index):
     t = tiny_tag_index
     summary = tag_index(t["path"], vocabulary="micro", load_encoder=load_query_encoder)
-    assert summary["vectors_cached"] is False and summary["calibration"] == "zscore" and summary["loras"] == 40
-    snap = Index(t["path"]).snapshot()
-    stored = {r["lora_id"]: r for r in snap.table("tags").to_pylist()}
+    assert summary["vectors_cached"] is False and summary["calibration"] == "centered" and summary["loras"] == 40
     words = t["vocab"].tags
     u = t["dirs"] / np.linalg.norm(t["dirs"], axis=1, keepdims=True)
     tv = t["plain"] / np.linalg.norm(t["plain"], axis=1, keepdims=True)
     c = u @ tv.T
+    centered = c - c.mean(axis=0)
     z = (c - c.mean(axis=0)) / c.std(axis=0)
-    for i, lid in enumerate(t["ids"]):
-        order = [int(k) for k in np.argsort(-z[i], kind="stable")[:3] if z[i, k] >= 2.0]
-        assert stored[lid]["tags"] == [words[k] for k in order]
-        assert stored[lid]["tag_scores"] == pytest.approx([z[i, k] for k in order], abs=1e-3)
-        assert stored[lid]["top1"] == words[int(np.argmax(z[i]))]
-    top1 = np.array([words.index(stored[lid]["top1"]) for lid in t["ids"]])
-    assert (top1 == t["planted"]).mean() >= 0.9
+    for calibration, score, cut in (("centered", centered, 0.2), ("zscore", z, 2.0)):
+        if calibration != "centered":
+            again = tag_index(t["path"], vocabulary="micro", calibration=calibration)
+            assert again["vectors_cached"] is True and again["calibration"] == calibration
+        stored = {r["lora_id"]: r for r in Index(t["path"]).snapshot().table("tags").to_pylist()}
+        for i, lid in enumerate(t["ids"]):
+            order = [int(k) for k in np.argsort(-score[i], kind="stable")[:3] if score[i, k] >= cut]
+            assert stored[lid]["tags"] == [words[k] for k in order]
+            assert stored[lid]["tag_scores"] == pytest.approx([score[i, k] for k in order], abs=1e-3)
+            assert stored[lid]["top1"] == words[int(np.argmax(score[i]))]
+        top1 = np.array([words.index(stored[lid]["top1"]) for lid in t["ids"]])
+        assert (top1 == t["planted"]).mean() >= 0.9, calibration
     again = tag_index(t["path"], vocabulary="micro", calibration="rank")
     assert again["vectors_cached"] is True and again["calibration"] == "rank"
 

@@ -109,8 +109,14 @@ def test_tags_groups_and_duplicates_match_the_planted_truth(micro, tmp_path):
     assert not d["different_behaviour_pairs"], d  # no two LoRAs with different planted behaviours are duplicates
     assert res["tags"][res["calibration"]]["top1_accuracy"] >= TAG_TOP1_FLOOR, res["tags"]
     assert d["planted_found"] == d["planted_pairs"] == 1, d  # the sepia LoRA's second training seed
-    # groups ARI and the scale family miss their targets on this zoo; bench_behavior.py reports them
+    assert res["calibration"] == "centered", res["tags"]
+    # the grayscale LoRA at weights 0.8 / 1 / 1.4 is one scale family (conf/micro.yaml: family cosine 0.88), none
+    # of its pairs a duplicate; groups are the planted behaviours (measured ARI 1.0: the family and the sepia twins
+    # are the only groups, every other behaviour stands alone)
+    assert res["targets"]["scale_family"], d
+    assert res["groups"]["ari"] >= 0.8, res["groups"]
 
 
-#: measured on this index (bench_behavior.py --zoo-only): top-1 tag 0.778 (14 of 18, zscore calibration)
-TAG_TOP1_FLOOR = 0.7
+#: measured on this index (bench_behavior.py --zoo-only): top-1 tag 0.889 (16 of 18, centered calibration; the
+#: misses are the grain and pixel LoRAs, whose behaviour the pixel oracle barely sees). Floor = one more miss.
+TAG_TOP1_FLOOR = 15 / 18 - 1e-9

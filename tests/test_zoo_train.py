@@ -231,7 +231,7 @@ def test_shipped_spec_plants_every_role_and_style():
     for m in spec.members:
         spec.run(m.run)  # every member's run exists
     family = [m for m in spec.members if m.run == "grayscale_s104"]
-    assert sorted(m.scale for m in family) == [0.5, 1.0, 2.0]
+    assert sorted(m.scale for m in family) == [0.8, 1.0, 1.4]
 
 
 def test_cli_trains_named_behaviours_on_the_tiny_pipeline(tmp_path, capsys):
@@ -298,11 +298,46 @@ def test_shipped_zoo_inspects_cleanly_and_matches_zoo_json():
     total = sum((d / m["file"]).stat().st_size for m in members.values())
     assert total < 4 << 20
     # the scale family is one direction at rising strength; the noop is all zeros; the near-duplicates are not identical
-    fam = {s: _file_deltas(d / members[n]["file"]) for n, s in (("bw_film_x0.5", 0.5), ("bw_film", 1.0), ("bw_film_x2", 2.0))}
+    family = [m for m in members.values() if m["run"] == "grayscale_s104"]
+    assert sorted(m["scale"] for m in family) == [0.8, 1.0, 1.4]
+    fam = {m["scale"]: _file_deltas(d / m["file"]) for m in family}
     for k, delta in fam[1.0].items():
-        np.testing.assert_allclose(fam[0.5][k], 0.5 * delta, atol=1e-3 * np.abs(delta).max() + 1e-7)
-        np.testing.assert_allclose(fam[2.0][k], 2.0 * delta, atol=1e-3 * np.abs(delta).max() + 1e-7)
+        for s in (0.8, 1.4):
+            np.testing.assert_allclose(fam[s][k], s * delta, atol=1e-3 * np.abs(delta).max() + 1e-7)
     assert all(not v.any() for v in _file_deltas(d / members["my_first_lora"]["file"]).values())
     twins = [members[n] for n in ("sepia_tone", "sepia_tone_retrain")]
     assert twins[0]["behaviour"] == twins[1]["behaviour"] and twins[0]["seed"] != twins[1]["seed"]
     assert all(any(np.abs(v).max() > 0 for v in _file_deltas(d / t["file"]).values()) for t in twins)
+
+
+def test_rescale_zoo_rewrites_only_the_scaled_members_from_their_scale_1_file(tmp_path):
+    """A scale family re-planted at new scales without training: deltas are the scale times the scale-1 file's,
+    the renamed member's old files go, every other file and zoo.json row stays as it was."""
+    import shutil
+
+    from carlos_ray.world.zoo_train import rescale_zoo
+
+    d = tmp_path / "zoo"
+    shutil.copytree(shipped_zoo_dir(), d)
+    before = {m["name"]: m for m in json.loads((d / "zoo.json").read_text())["members"]}
+    spec = shipped_spec()
+    light = next(m for m in spec.members if m.name == "bw_film_x0.8")
+    members = tuple(dataclasses.replace(m, name="bw_film_x0.6", scale=0.6) if m is light else m for m in spec.members)
+    rows = {r["name"]: r for r in rescale_zoo(dataclasses.replace(spec, members=members), d)}
+    assert list(rows) == [m.name for m in members]
+    assert not list((d / "family").glob("bw_film_x0.8.*"))
+    assert (d / "family" / "bw_film_x0.6.civitai.info").is_file()
+    new, base = _file_deltas(d / rows["bw_film_x0.6"]["file"]), _file_deltas(d / rows["bw_film"]["file"])
+    assert set(new) == set(base)
+    for k, delta in base.items():
+        np.testing.assert_allclose(new[k], 0.6 * delta, atol=1e-3 * np.abs(delta).max() + 1e-7)
+    assert rows["bw_film_x0.6"]["scale"] == 0.6 and rows["bw_film_x0.6"]["training"] == before["bw_film"]["training"]
+    import hashlib
+
+    assert rows["bw_film_x0.6"]["sha256"] == hashlib.sha256((d / rows["bw_film_x0.6"]["file"]).read_bytes()).hexdigest()
+    for name, r in rows.items():
+        if name != "bw_film_x0.6":
+            assert r == before[name], name
+            assert hashlib.sha256((d / r["file"]).read_bytes()).hexdigest() == r["sha256"]
+    # the unchanged scaled member came out byte-identical to the shipped file
+    assert (d / rows["bw_film_x1.4"]["file"]).read_bytes() == (shipped_zoo_dir() / rows["bw_film_x1.4"]["file"]).read_bytes()

@@ -34,7 +34,7 @@ class TagsResponse(BaseModel):
     index_version: int
     vocabulary: str | None = None
     calibration: str | None = None
-    settings: dict[str, Any] = Field(default_factory=dict, description="Cut-offs of the calibration (z_min, margin, ...).")
+    settings: dict[str, Any] = Field(default_factory=dict, description="Cut-offs of the calibration (min_shift, z_min, margin, ...).")
     tagged_loras: int = Field(..., description="LoRAs with at least one tag.")
     tags: list[TagCount] = Field(..., description="Tags in use, most frequent first.")
 

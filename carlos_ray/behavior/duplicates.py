@@ -7,8 +7,12 @@
 similar strengths (``min(s_a, s_b) / max(s_a, s_b) >= min_strength_ratio``). Each pair gets
 ``score = cosine * strength_ratio`` (1 for identical signatures). Parallel directions with clearly
 different strengths are the same effect at another scale, not a duplicate: the connected components
-of the "parallel" graph whose strengths span more than ``1 / min_strength_ratio`` are reported as
-*scale families* (members in strength order).
+of the "parallel" graph (``cosine >= family_min_cosine``, by default ``min_cosine``) whose strengths
+span more than ``1 / min_strength_ratio`` are reported as *scale families* (members in strength
+order). A profile whose model turns a LoRA's direction as its weight changes sets a lower family
+cosine (``behavior.family_min_cosine``; the micro world: 0.88, from benchmarks/bench_scale_response.py:
+its grayscale LoRA at weights 0.8 / 1.4 has cosine 0.903 / 0.915 to itself at 1, while the two
+closest LoRAs of different behaviours, grayscale and sepia, reach 0.85).
 
 Parallel pairs come from a blocked scan of the unit-direction matrix: one block of ``block_rows``
 rows against the rows after it (upper triangle only), float32 BLAS, candidates kept above the
@@ -157,13 +161,16 @@ def parallel_pairs(
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_c), capped
 
 
-def _exact_cosines(directions: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """float64 cosines of the given row pairs, from the raw directions."""
-    a = np.asarray(directions[i], dtype=np.float64)
-    b = np.asarray(directions[j], dtype=np.float64)
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b /= np.linalg.norm(b, axis=1, keepdims=True)
-    return np.einsum("ij,ij->i", a, b)
+def _exact_cosines(directions: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """float64 cosines of the given row pairs, from the raw directions (``chunk`` pairs at a time: bounded memory)."""
+    out = np.empty(len(i), dtype=np.float64)
+    for s in range(0, len(i), chunk):
+        a = np.asarray(directions[i[s : s + chunk]], dtype=np.float64)
+        b = np.asarray(directions[j[s : s + chunk]], dtype=np.float64)
+        a /= np.linalg.norm(a, axis=1, keepdims=True)
+        b /= np.linalg.norm(b, axis=1, keepdims=True)
+        out[s : s + chunk] = np.einsum("ij,ij->i", a, b)
+    return out
 
 
 def strength_ratio(sa: np.ndarray, sb: np.ndarray) -> np.ndarray:
@@ -189,7 +196,7 @@ def behavioural_duplicates(
     """Behavioural duplicate pairs and scale families among the rows of ``directions`` (N, d).
 
     ``include`` (bool, N) restricts the scan (e.g. to LoRAs inside the index thresholds); zero or
-    non-finite directions never pair. ``family_min_cosine`` (default ``min_cosine``) is the
+    non-finite directions never pair. ``family_min_cosine`` (``None``: ``min_cosine``) is the
     cosine that makes two LoRAs "parallel" for scale families."""
     check_thresholds(min_cosine, min_strength_ratio, family_min_cosine)
     fam_cos = min_cosine if family_min_cosine is None else float(family_min_cosine)
@@ -248,13 +255,18 @@ def duplicates_of(
     *,
     min_cosine: float = 0.95,
     min_strength_ratio: float = 0.8,
+    family_min_cosine: float | None = None,
     include: np.ndarray | None = None,
     unit: np.ndarray | None = None,
 ) -> tuple[list[DuplicatePair], list[DuplicatePair]]:
-    """(duplicates, scale relatives) of one row: other rows parallel to it, with a similar / a different strength.
+    """(duplicates, scale relatives) of one row: other rows with ``cosine >= min_cosine`` and a similar
+    strength, and rows with ``cosine >= family_min_cosine`` (``None``: ``min_cosine``) and a different
+    strength (its scale family).
 
     ``unit`` may pass precomputed unit directions (e.g. the ranker's matrix) to skip normalizing."""
-    check_thresholds(min_cosine, min_strength_ratio)
+    check_thresholds(min_cosine, min_strength_ratio, family_min_cosine)
+    fam_cos = min_cosine if family_min_cosine is None else float(family_min_cosine)
+    scan = min(min_cosine, fam_cos)
     directions = np.asarray(directions)
     strengths = np.asarray(strengths, dtype=np.float64)
     n = directions.shape[0]
@@ -271,9 +283,9 @@ def duplicates_of(
     sims = unit @ unit[row].astype(unit.dtype)
     sims[~valid] = -np.inf
     sims[row] = -np.inf
-    cand = np.flatnonzero(sims >= min_cosine - _SLACK)
+    cand = np.flatnonzero(sims >= scan - _SLACK)
     cos = _exact_cosines(directions, np.full(cand.size, row), cand)
-    keep = cos >= min_cosine
+    keep = cos >= scan
     cand, cos = cand[keep], cos[keep]
     ratio = strength_ratio(np.full(cand.size, strengths[row]), strengths[cand])
     dups, rel = [], []
@@ -282,7 +294,11 @@ def duplicates_of(
             continue
         a, bb = min(row, b), max(row, b)
         pair = DuplicatePair(a, bb, float(c), float(r), float(c * r))
-        (dups if r >= min_strength_ratio else rel).append(pair)
+        if r >= min_strength_ratio:
+            if c >= min_cosine:
+                dups.append(pair)
+        elif c >= fam_cos:
+            rel.append(pair)
     dups.sort(key=lambda p: (-p.score, p.a, p.b))
     rel.sort(key=lambda p: (-p.cosine, p.a, p.b))
     return dups, rel

@@ -42,6 +42,8 @@ def evaluate(
     include: np.ndarray | None = None,
     min_cosine: float = 0.95,
     min_strength_ratio: float = 0.8,
+    family_min_cosine: float | None = None,
+    max_distance: float = 0.15,
     seed: int = 0,
 ) -> dict:
     """Every figure of the targets; ``include`` is the grouping's mask (e.g. inside the thresholds)."""
@@ -61,14 +63,15 @@ def evaluate(
         hits = [a == b for a, b in zip(top1, planted)]
         out["tags"][cal] = {"top1_accuracy": float(np.mean(hits)),
                             "misses": {ids[r]: {"planted": p, "top1": t} for r, p, t, h in zip(rows, planted, top1, hits) if not h}}
-    g = group_directions(directions, include=include, seed=seed)
+    g = group_directions(directions, include=include, seed=seed, max_distance=max_distance)
     labels = g.labels[rows]
     grouped = labels >= 0
     # an ungrouped LoRA (outside the thresholds) counts as its own singleton group
     labels = np.where(grouped, labels, -1 - np.arange(labels.size))
     out["groups"] = {"n_groups": g.n_groups, "ari": float(adjusted_rand_score(planted, labels)), "method": g.method,
                      "ungrouped_behaviour_loras": int((~grouped).sum())}
-    rep = behavioural_duplicates(directions, strengths, min_cosine=min_cosine, min_strength_ratio=min_strength_ratio)
+    rep = behavioural_duplicates(directions, strengths, min_cosine=min_cosine, min_strength_ratio=min_strength_ratio,
+                                 family_min_cosine=family_min_cosine)
     found = {frozenset((ids[p.a], ids[p.b])) for p in rep.pairs}
     planted_pairs = {frozenset(p) for p in truth.near_duplicates}
     wrong = [tuple(sorted(p)) for p in found if len({truth.behaviour.get(x) for x in p} - {None}) > 1]
@@ -94,7 +97,7 @@ def evaluate(
 
 
 def choose_calibration(result: dict) -> str:
-    """The calibration with the best top-1 accuracy (ties: the order of CALIBRATIONS, zscore first)."""
+    """The calibration with the best top-1 accuracy (ties: the order of CALIBRATIONS, the default first)."""
     return max(CALIBRATIONS, key=lambda c: (result["tags"][c]["top1_accuracy"], -CALIBRATIONS.index(c)))
 
 

@@ -86,7 +86,7 @@ def tag_index(
     returns (called only when needed; the service layer passes
     :func:`carlos_ray.serving.loading.load_query_encoder`, which raises ``EncoderUnavailable`` when
     the weights are not on this machine). ``settings`` go
-    to :func:`~carlos_ray.behavior.tags.assign_tags` (``max_tags``, ``z_min``, ``margin``, ``min_cosine``)."""
+    to :func:`~carlos_ray.behavior.tags.assign_tags` (``max_tags``, ``min_shift``, ``z_min``, ``margin``, ``min_cosine``)."""
     from carlos_ray.store import Index
 
     index = Index(index_uri)
@@ -158,6 +158,13 @@ def _directions(table: pa.Table) -> np.ndarray:
     return flat.reshape(table.num_rows, -1)
 
 
+def behavior_settings(manifest: Any) -> Any:
+    """The index's :class:`~carlos_ray.config.BehaviorSpec` (its profile's, from the manifest; else the defaults)."""
+    from carlos_ray.config import BehaviorSpec
+
+    return BehaviorSpec.model_validate(getattr(manifest, "behavior", None) or {})
+
+
 @dataclass
 class GroupInfo:
     group: int
@@ -180,6 +187,7 @@ class BehaviorView:
         self.pos = {lid: i for i, lid in enumerate(ids)}
         self.seed = seed
         self.tagging = snapshot.manifest.tagging if snapshot is not None else None
+        self.settings = behavior_settings(snapshot.manifest if snapshot is not None else None)
         self.tags: dict[str, list[tuple[str, float]]] | None = None
         self.top1: dict[str, str | None] = {}
         t = snapshot.table("tags") if snapshot is not None else None
@@ -240,7 +248,8 @@ class BehaviorView:
             if self._grouping is None:
                 # in lora_id order, so every view of the same index (service, report) numbers the groups alike
                 order = np.argsort(np.array(self.ids, dtype=object), kind="stable")
-                g = group_directions(self.unit[order], include=self.inside[order], seed=self.seed)
+                g = group_directions(self.unit[order], include=self.inside[order], seed=self.seed,
+                                     max_distance=self.settings.group_max_distance)
                 labels = np.empty_like(g.labels)
                 labels[order] = g.labels
                 g.labels = labels
@@ -268,7 +277,8 @@ class BehaviorView:
         """(behavioural duplicates, scale relatives) of one LoRA as (other lora_id, pair) lists."""
         row = self.pos[lora_id]
         dups, rel = duplicates_of(row, self.unit, self.strength, min_cosine=min_cosine,
-                                  min_strength_ratio=min_strength_ratio, unit=self.unit)
+                                  min_strength_ratio=min_strength_ratio, unit=self.unit,
+                                  family_min_cosine=self.settings.family_min_cosine)
 
         def other(p):
             return self.ids[p.b if p.a == row else p.a]
@@ -277,7 +287,8 @@ class BehaviorView:
 
     def all_duplicates(self, min_cosine: float = DEFAULT_MIN_COSINE,
                        min_strength_ratio: float = DEFAULT_MIN_STRENGTH_RATIO) -> DuplicateReport:
-        return behavioural_duplicates(self.unit, self.strength, min_cosine=min_cosine, min_strength_ratio=min_strength_ratio)
+        return behavioural_duplicates(self.unit, self.strength, min_cosine=min_cosine, min_strength_ratio=min_strength_ratio,
+                                      family_min_cosine=self.settings.family_min_cosine)
 
 
 def evaluate_index(index_uri: str, zoo_doc: dict, vocabulary: str = "micro") -> dict:
@@ -296,4 +307,6 @@ def evaluate_index(index_uri: str, zoo_doc: dict, vocabulary: str = "micro") -> 
     s, c = table["strength"].to_numpy(), table["consistency"].to_numpy()
     th = dict(snap.manifest.thresholds or {})
     inside = (s <= (th.get("max_strength") or np.inf)) & (c >= (th.get("min_consistency") or -np.inf))
-    return evaluate(ids, _directions(table), s, vectors, vocab.tags, truth_from_zoo(zoo_doc, ids), include=inside)
+    b = behavior_settings(snap.manifest)
+    return evaluate(ids, _directions(table), s, vectors, vocab.tags, truth_from_zoo(zoo_doc, ids), include=inside,
+                    family_min_cosine=b.family_min_cosine, max_distance=b.group_max_distance)

@@ -8,14 +8,25 @@ and tag ``t`` is ``c[i, t] = cos(SD_i, Δt)``.
 
 Raw cosines are not comparable across tags (some words move every text feature the same way and
 look similar to every LoRA) nor across LoRAs, so a LoRA's tags are those whose similarity *stands
-out*, by one of three calibrations (compared on the micro zoo by the evaluation):
+out*, by one of four calibrations (compared on the micro zoo by the evaluation):
 
+- ``centered`` (the default): per tag over the index, ``s[i, t] = c[i, t] − mean_i c[·, t]``; tags
+  with ``s >= min_shift`` (default 0.2). Removes each word's generic bias and keeps the cosine scale.
 - ``zscore``: per tag over the index, ``z[i, t] = (c[i, t] − mean_i c[·, t]) / std_i c[·, t]``;
-  tags with ``z >= z_min`` (default 2). Removes each word's generic bias; needs an index of more
-  than a handful of LoRAs to estimate the mean and spread.
+  tags with ``z >= z_min`` (default 2). Also divides by each word's spread, which over-rewards
+  words that no LoRA moves much (a tiny spread makes a small deviation a large z).
 - ``rank``: per LoRA, the ``max_tags`` tags of highest raw cosine that are ``>= min_cosine``.
 - ``margin``: per LoRA, tags whose raw cosine exceeds that LoRA's median over the vocabulary by
   ``>= margin`` (default 0.1): an offset that follows each LoRA's own level.
+
+Why ``centered``: on the micro zoo (23 LoRAs, 18 with a planted behaviour; bench_behavior.py
+``--zoo-only``) its top-1 tag is the planted one for 16 of 18, against 14 for ``zscore`` (which
+tags the grayscale LoRAs at weights 0.8 and 1.4 "purple" and "yellow", two words with a small
+spread, and the blur LoRA "small") and 15 for ``rank`` and ``margin`` (which keep each word's
+bias). The two misses of ``centered`` are the LoRAs whose planted behaviour the pixel oracle
+barely sees in their images (grain 0%, pixelation 33%; docs/MICRO_WORLD.md): the grain LoRA
+gets "heart" (then "grainy"), the pixel LoRA "blurred" (then "pixelated"). Both per-tag
+calibrations need an index of more than a handful of LoRAs to estimate a word's mean.
 
 Each returns at most ``max_tags`` tags per LoRA, best first, with their calibrated score, and the
 top-1 tag of every valid LoRA (the best score, whether or not it passes the cut). Similarities are
@@ -40,9 +51,9 @@ from carlos_ray.config import StrictModel
 
 logger = logging.getLogger(__name__)
 
-Calibration = Literal["zscore", "rank", "margin"]
-CALIBRATIONS: tuple[str, ...] = ("zscore", "rank", "margin")
-DEFAULT_CALIBRATION: Calibration = "zscore"
+Calibration = Literal["centered", "zscore", "rank", "margin"]
+CALIBRATIONS: tuple[str, ...] = ("centered", "zscore", "rank", "margin")
+DEFAULT_CALIBRATION: Calibration = "centered"
 
 
 class TagVocabulary(StrictModel):
@@ -207,12 +218,13 @@ def assign_tags(
     z_min: float = 2.0,
     min_cosine: float = 0.0,
     margin: float = 0.1,
+    min_shift: float = 0.2,
     stats: TagStats | None = None,
     block_rows: int = 4096,
 ) -> TagAssignment:
     """Tags of every row of ``directions`` (N, d) among ``tag_vecs`` (T, d) under one calibration (module docstring).
 
-    ``stats`` (for ``zscore``) default to :func:`tag_statistics` over ``directions`` itself; pass the
+    ``stats`` (for ``centered`` and ``zscore``) default to :func:`tag_statistics` over ``directions`` itself; pass the
     index's statistics to tag a few LoRAs against the whole index."""
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {list(CALIBRATIONS)}, got {calibration!r}")
@@ -221,12 +233,13 @@ def assign_tags(
     z_min = _check_setting("z_min", z_min, -10.0, 100.0)
     min_cosine = _check_setting("min_cosine", min_cosine, -1.0, 1.0)
     margin = _check_setting("margin", margin, 0.0, 2.0)
+    min_shift = _check_setting("min_shift", min_shift, -2.0, 2.0)
     tag_vecs = np.asarray(tag_vecs)
     directions = np.asarray(directions)
     if tag_vecs.ndim != 2 or directions.ndim != 2 or tag_vecs.shape[1] != directions.shape[1]:
         raise ValueError(f"tag vectors {tag_vecs.shape} and directions {directions.shape} must be 2-D of the same width")
     _, tag_ok = _unit_tags(tag_vecs)
-    if calibration == "zscore":
+    if calibration in ("centered", "zscore"):
         stats = stats if stats is not None else tag_statistics(directions, tag_vecs, block_rows)
         if stats.mean.shape != (tag_vecs.shape[0],):
             raise ValueError(f"stats are for {stats.mean.shape[0]} tags, the vocabulary has {tag_vecs.shape[0]}")
@@ -236,7 +249,10 @@ def assign_tags(
     top1 = np.full(n, -1, dtype=np.int64)
     k = min(max_tags, tag_vecs.shape[0])
     for s, valid, c in cosine_blocks(directions, tag_vecs, block_rows):
-        if calibration == "zscore":
+        if calibration == "centered":
+            score = c - stats.mean
+            passes = score >= min_shift
+        elif calibration == "zscore":
             score = (c - stats.mean) / std
             passes = score >= z_min
         elif calibration == "rank":
@@ -254,5 +270,5 @@ def assign_tags(
         top1[s : s + c.shape[0]] = np.where(ok, order[:, 0], -1)
         for r, o, sc, p in zip(np.flatnonzero(ok).tolist(), order[ok].tolist(), top_score[ok].tolist(), top_pass[ok].tolist()):
             out[s + r] = [(t, v) for t, v, keep in zip(o, sc, p) if keep]
-    settings = {"max_tags": int(max_tags), "z_min": z_min, "min_cosine": min_cosine, "margin": margin}
+    settings = {"max_tags": int(max_tags), "z_min": z_min, "min_cosine": min_cosine, "margin": margin, "min_shift": min_shift}
     return TagAssignment(out, top1, calibration, settings)

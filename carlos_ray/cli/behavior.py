@@ -26,7 +26,7 @@ def _usage(e: Exception) -> UsageError:
 
 def cmd_tags(args: argparse.Namespace) -> int:
     from carlos_ray.behavior.index import tag_index
-    from carlos_ray.behavior.tags import CALIBRATIONS
+    from carlos_ray.behavior.tags import CALIBRATIONS, DEFAULT_CALIBRATION
     from carlos_ray.serving import EncoderUnavailable, ServiceError
     from carlos_ray.serving.loading import load_query_encoder
 
@@ -37,9 +37,10 @@ def cmd_tags(args: argparse.Namespace) -> int:
     stored = state.behavior.tagging or {}
     wanted = {"vocabulary": args.vocabulary or stored.get("vocabulary"), "calibration": args.calibration or stored.get("calibration")}
     if args.recompute or not state.behavior.tagged or any(v and v != stored.get(k) for k, v in wanted.items()):
-        settings = {k: v for k, v in (("max_tags", args.max_tags), ("z_min", args.z_min), ("margin", args.margin)) if v is not None}
+        settings = {k: v for k, v in (("max_tags", args.max_tags), ("z_min", args.z_min), ("margin", args.margin),
+                                                   ("min_shift", args.min_shift)) if v is not None}
         try:
-            summary = tag_index(args.index, vocabulary=wanted["vocabulary"], calibration=wanted["calibration"] or "zscore",
+            summary = tag_index(args.index, vocabulary=wanted["vocabulary"], calibration=wanted["calibration"] or DEFAULT_CALIBRATION,
                                 load_encoder=lambda m: load_query_encoder(m, device=args.device, allow_download=args.allow_download),
                                 **settings)
         except EncoderUnavailable as e:
@@ -151,8 +152,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--index", required=True, help="index directory or URI")
     t.add_argument("--vocabulary", default=None, help="tag vocabulary: a profile name (paper, micro) or a YAML file "
                    "(default: the index's profile, else paper)")
-    t.add_argument("--calibration", default=None, help="zscore (default), rank or margin")
+    t.add_argument("--calibration", default=None, help="centered (default), zscore, rank or margin")
     t.add_argument("--max-tags", type=int, default=None, help="most tags per LoRA (default 3)")
+    t.add_argument("--min-shift", type=float, default=None,
+                   help="centered: smallest cosine above the tag's index mean that makes a tag (default 0.2)")
     t.add_argument("--z-min", type=float, default=None, help="zscore: smallest z-score that makes a tag (default 2)")
     t.add_argument("--margin", type=float, default=None, help="margin: cosine above the LoRA's median tag (default 0.1)")
     t.add_argument("--recompute", action="store_true", help="tag again even if the index has tags")

@@ -85,6 +85,7 @@ class IndexPlan:
             "encoder": c.encoder.model_dump(),
             "sampling": c.sampling.model_dump(),
             "query": c.query.model_dump(),
+            "behavior": c.behavior.model_dump(),
             "prompt_set": {"name": self.prompts.name, "hash": self.prompt_hash, "ids": list(self.prompts.ids),
                            "categories": self.categories},
             "seeds": self.seeds,

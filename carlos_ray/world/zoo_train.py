@@ -495,31 +495,94 @@ def _header_metadata(member, run, rank: int) -> dict[str, str]:
     return meta
 
 
-def write_zoo(spec, out_dir: str | Path, cache_dir: Path, run_infos: Mapping[str, dict], size: int) -> list[dict]:
-    """Write every member of `spec` from the run cache into `out_dir`, plus `zoo.json`; returns the member rows."""
+def _write_member(out: Path, m, index: int, run, w: Weights, training: dict) -> dict:
+    """Write one member's file and sidecar from its run's weights; returns its zoo.json row."""
     import hashlib
 
+    rank = next(d.shape[0] for mods in w.values() for d, _ in mods.values())
+    path = out / m.folder / f"{m.name}.safetensors"
+    save_safetensors(path, lora_state_dict(w, m.layout, m.scale, m.dtype), _header_metadata(m, run, rank))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    _sidecar(path, m, sha, index)
+    row = {k: v for k, v in dataclasses.asdict(m).items() if k not in ("folder",)}
+    row.update({"file": str(path.relative_to(out)), "behaviour": run.behaviour.key, "seed": run.settings.seed,
+                "rank": rank, "components": sorted(w), "train_components": list(run.settings.components),
+                "trained_with_trigger_words": list(run.trigger_words), "sha256": sha, "training": training})
+    row["trigger_words"] = list(m.trigger_words)
+    return row
+
+
+def _write_doc(out: Path, rows: list[dict], size: int) -> None:
+    doc = {"world": "micro", "image_size": size, "members": rows}
+    (out / "zoo.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    logger.info("wrote %d LoRAs to %s", len(rows), out)
+
+
+def write_zoo(spec, out_dir: str | Path, cache_dir: Path, run_infos: Mapping[str, dict], size: int) -> list[dict]:
+    """Write every member of `spec` from the run cache into `out_dir`, plus `zoo.json`; returns the member rows."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, m in enumerate(spec.members):
         run = spec.run(m.run)
         w, _ = _read_weights(cache_dir / f"{run.key}.safetensors")
-        rank = next(d.shape[0] for mods in w.values() for d, _ in mods.values())
-        path = out / m.folder / f"{m.name}.safetensors"
-        save_safetensors(path, lora_state_dict(w, m.layout, m.scale, m.dtype), _header_metadata(m, run, rank))
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        _sidecar(path, m, sha, i)
-        row = {k: v for k, v in dataclasses.asdict(m).items() if k not in ("folder",)}
-        row.update({"file": str(path.relative_to(out)), "behaviour": run.behaviour.key, "seed": run.settings.seed,
-                    "rank": rank, "components": sorted(w), "train_components": list(run.settings.components),
-                    "trained_with_trigger_words": list(run.trigger_words), "sha256": sha,
-                    "training": run_infos.get(run.key, {})})
-        row["trigger_words"] = list(m.trigger_words)
-        rows.append(row)
-    doc = {"world": "micro", "image_size": size, "members": rows}
-    (out / "zoo.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    logger.info("wrote %d LoRAs to %s", len(rows), out)
+        rows.append(_write_member(out, m, i, run, w, run_infos.get(run.key, {})))
+    _write_doc(out, rows, size)
+    return rows
+
+
+def _kohya_weights(path: Path) -> Weights:
+    """The (down, up) pairs of a kohya file written at scale 1, keyed so that `lora_state_dict(.., "kohya")`
+    writes the same keys back (the module name is kept in its underscored kohya form)."""
+    from safetensors import safe_open
+
+    prefixes = {v: k for k, v in KOHYA_PREFIX.items()}
+    w: Weights = {}
+    with safe_open(str(path), framework="numpy") as fh:
+        for key in fh.keys():
+            if not key.endswith(".lora_down.weight"):
+                continue
+            stem = key[: -len(".lora_down.weight")]
+            comp = next((c for p, c in prefixes.items() if stem.startswith(p)), None)
+            if comp is None:
+                raise ValueError(f"{path}: {key!r} has no kohya component prefix")
+            down = fh.get_tensor(key).astype(np.float32)
+            alpha = float(fh.get_tensor(stem + ".alpha"))
+            if alpha != down.shape[0]:
+                raise ValueError(f"{path}: {stem} has alpha {alpha:g}, not its rank {down.shape[0]}: not a scale-1 file")
+            w.setdefault(comp, {})[stem[len(KOHYA_PREFIX[comp]):]] = (down, fh.get_tensor(stem + ".lora_up.weight").astype(np.float32))
+    return w
+
+
+def rescale_zoo(spec, zoo_dir: str | Path) -> list[dict]:
+    """Re-write the members of `spec` at a scale other than 1 from their run's scale-1 kohya member in
+    `zoo_dir`, without the run cache or any training; every other member's file and row are kept.
+
+    A kohya file keeps its scale in alpha (`lora_state_dict`), so the result is byte-identical to what
+    `write_zoo` writes from the run cache (fp16 tensors round-trip exactly). Files of members no longer
+    in `spec` are removed."""
+    out = Path(zoo_dir)
+    doc = json.loads((out / "zoo.json").read_text())
+    old = {r["name"]: r for r in doc["members"]}
+    wanted = {m.name for m in spec.members}
+    for name, r in old.items():
+        if name not in wanted:
+            f = out / r["file"]
+            for side in f.parent.glob(f.name.removesuffix(".safetensors") + ".*"):
+                side.unlink()
+    rows = []
+    for i, m in enumerate(spec.members):
+        if float(m.scale) == 1.0:
+            if m.name not in old:
+                raise ValueError(f"{m.name}: not in {out / 'zoo.json'}; a new run needs training (make zoo)")
+            rows.append(old[m.name])
+            continue
+        base = next((x for x in spec.members if x.run == m.run and float(x.scale) == 1.0 and x.layout == "kohya"), None)
+        if m.layout != "kohya" or base is None or base.name not in old:
+            raise ValueError(f"{m.name}: rescaling needs a kohya member and a scale-1 kohya member of run {m.run!r} in the zoo")
+        w = _kohya_weights(out / old[base.name]["file"])
+        rows.append(_write_member(out, m, i, spec.run(m.run), w, old[base.name].get("training", {})))
+    _write_doc(out, rows, int(doc.get("image_size", 32)))
     return rows
 
 
@@ -547,6 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", default=None, help="comma-separated run keys: train and write only these (for tuning)")
     p.add_argument("--lr", type=float, default=None, help="override every run's learning rate (for tuning)")
     p.add_argument("--target", choices=("render", "teacher"), default=None, help="override every run's training target (for tuning)")
+    p.add_argument("--rescale-only", action="store_true",
+                   help="only re-write the members at a scale other than 1 from their run's scale-1 file in --out (no training)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: train the jobs in this JSON file
     args = p.parse_args(argv)
     _worker_init()
@@ -555,6 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _train_run(_job_from_json(job))
         return 0
     spec = shipped_spec(**({"steps": args.steps} if args.steps else {}))
+    if args.rescale_only:
+        rows = rescale_zoo(spec, args.out)
+        logger.info("re-wrote the scaled members of %s (%d LoRAs)", args.out, len(rows))
+        return 0
     overrides = {k: v for k, v in (("lr", args.lr), ("target", args.target)) if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, runs=tuple(dataclasses.replace(r, settings=dataclasses.replace(r.settings, **overrides))
