@@ -278,7 +278,7 @@ class BehaviorView:
         row = self.pos[lora_id]
         dups, rel = duplicates_of(row, self.unit, self.strength, min_cosine=min_cosine,
                                   min_strength_ratio=min_strength_ratio, unit=self.unit,
-                                  family_min_cosine=self.settings.family_min_cosine)
+                                  family_min_cosine=self.family_cosine(min_cosine))
 
         def other(p):
             return self.ids[p.b if p.a == row else p.a]
@@ -288,7 +288,11 @@ class BehaviorView:
     def all_duplicates(self, min_cosine: float = DEFAULT_MIN_COSINE,
                        min_strength_ratio: float = DEFAULT_MIN_STRENGTH_RATIO) -> DuplicateReport:
         return behavioural_duplicates(self.unit, self.strength, min_cosine=min_cosine, min_strength_ratio=min_strength_ratio,
-                                      family_min_cosine=self.settings.family_min_cosine)
+                                      family_min_cosine=self.family_cosine(min_cosine))
+
+    def family_cosine(self, min_cosine: float) -> float:
+        """The cosine that makes two LoRAs one scale family: the profile's, or a request's looser duplicate cosine."""
+        return min(float(min_cosine), self.settings.family_min_cosine)
 
 
 def evaluate_index(index_uri: str, zoo_doc: dict, vocabulary: str = "micro") -> dict:

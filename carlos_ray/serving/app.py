@@ -336,7 +336,8 @@ class Ingress:
         min_cosine: float | None = Query(None, description="Directions at least this parallel (cosine in (0, 1], default 0.95)."),
         min_strength_ratio: float | None = Query(
             None, description="Duplicates: smaller over larger strength at least this (in (0, 1], default 0.8); "
-            "parallel LoRAs below it are scale relatives."),
+            "LoRAs below it are scale relatives when their cosine reaches the index profile's family cosine "
+            "(behavior.family_min_cosine: 0.95 by default, 0.88 for micro) or min_cosine, whichever is lower."),
     ) -> dict:
         mc, mr = check_duplicate_thresholds(min_cosine, min_strength_ratio)
         return await self._call(self.ranker.duplicates.remote(lora_id, mc, mr))
