@@ -81,7 +81,7 @@ def test_duplicates_of_one_row_matches_naive_loop():
                 r = min(s[row], s[b]) / max(s[row], s[b])
                 if r >= 0.8 and c >= 0.95:
                     exp_d.add((min(row, b), max(row, b)))
-                elif r < 0.8 and c >= (0.95 if fam_cos is None else fam_cos):
+                elif c >= (0.95 if fam_cos is None else fam_cos):
                     exp_r.add((min(row, b), max(row, b)))
             assert {(p.a, p.b) for p in dups} == exp_d
             assert {(p.a, p.b) for p in rel} == exp_r

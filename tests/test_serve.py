@@ -186,6 +186,7 @@ def test_groups_and_duplicates_endpoints_match_the_index(env):
         ratio = np.minimum(s, s[row]) / np.maximum(s, s[row])
         near = [j for j in range(len(ids)) if j != row and cos[j] >= min_cos]
         assert {x["lora_id"] for x in body["duplicates"]} == {ids[j] for j in near if ratio[j] >= 0.8}
+        assert body["family_min_cosine"] == pytest.approx(min(min_cos, 0.95))  # the tiny profile's family cosine
         assert {x["lora_id"] for x in body["scale_relatives"]} == {ids[j] for j in near if ratio[j] < 0.8}
     assert _get(env, f"/loras/{lid}").json()["tags"] is None  # the tiny index has no tags yet
 

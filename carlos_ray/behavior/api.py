@@ -80,10 +80,13 @@ class DuplicatesResponse(BaseModel):
     index_version: int
     min_cosine: float
     min_strength_ratio: float
+    family_min_cosine: float = Field(..., description="Cosine of the scale relatives: the index profile's family cosine "
+                                     "or min_cosine, whichever is lower.")
     exact_copies: list[str] = Field(default_factory=list, description="Other paths of this very file (same SHA-256), indexed once.")
     duplicates: list[DuplicateModel] = Field(..., description="Parallel direction and similar strength, best score first.")
     scale_relatives: list[DuplicateModel] = Field(
-        ..., description="Parallel direction, different strength: the same effect at another scale (not duplicates).")
+        ..., description="Parallel at the family cosine and not a duplicate: the same effect at another scale, or a "
+                         "looser variant of it.")
 
 
 # ---- checks ----------------------------------------------------------------------------------------
@@ -177,6 +180,7 @@ def duplicates_response(view: BehaviorView, version: int, lora_id: str, min_cosi
                               strength_ratio=p.strength_ratio, score=p.score)
 
     return DuplicatesResponse(lora_id=lora_id, index_version=version, min_cosine=min_cosine,
-                              min_strength_ratio=min_strength_ratio, exact_copies=view.aliases.get(lora_id, []),
+                              min_strength_ratio=min_strength_ratio, family_min_cosine=view.family_cosine(min_cosine),
+                              exact_copies=view.aliases.get(lora_id, []),
                               duplicates=[model(o, p) for o, p in dups],
                               scale_relatives=[model(o, p) for o, p in rel]).model_dump()

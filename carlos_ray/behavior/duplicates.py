@@ -260,8 +260,8 @@ def duplicates_of(
     unit: np.ndarray | None = None,
 ) -> tuple[list[DuplicatePair], list[DuplicatePair]]:
     """(duplicates, scale relatives) of one row: other rows with ``cosine >= min_cosine`` and a similar
-    strength, and rows with ``cosine >= family_min_cosine`` (``None``: ``min_cosine``) and a different
-    strength (its scale family).
+    strength, and the other rows parallel to it at ``cosine >= family_min_cosine`` (``None``: ``min_cosine``):
+    the same effect at another strength, or a looser variant of it (its scale family's neighbours).
 
     ``unit`` may pass precomputed unit directions (e.g. the ranker's matrix) to skip normalizing."""
     check_thresholds(min_cosine, min_strength_ratio, family_min_cosine)
@@ -294,9 +294,8 @@ def duplicates_of(
             continue
         a, bb = min(row, b), max(row, b)
         pair = DuplicatePair(a, bb, float(c), float(r), float(c * r))
-        if r >= min_strength_ratio:
-            if c >= min_cosine:
-                dups.append(pair)
+        if r >= min_strength_ratio and c >= min_cosine:
+            dups.append(pair)
         elif c >= fam_cos:
             rel.append(pair)
     dups.sort(key=lambda p: (-p.score, p.a, p.b))

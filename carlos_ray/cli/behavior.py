@@ -115,10 +115,12 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
             return EXIT_OK
         for p in body["exact_copies"]:
             print(f"exact copy (same SHA-256, indexed once): {p}")
-        for title, key in (("behavioural duplicates", "duplicates"), ("scale relatives (same effect, other strength)", "scale_relatives")):
+        for title, key in (("behavioural duplicates", "duplicates"), ("scale relatives (same effect, other strength or a looser variant)", "scale_relatives")):
             rows = [{**d, "name": (d["name"] or "")[:40], "score": f"{d['score']:.3f}", "cosine": f"{d['cosine']:.3f}",
                      "strength_ratio": f"{d['strength_ratio']:.2f}"} for d in body[key]]
-            print(f"{title} of {args.lora_id} (cosine >= {mc}, strength ratio {'>=' if key == 'duplicates' else '<'} {mr}):")
+            rule = (f"cosine >= {mc:g}, strength ratio >= {mr:g}" if key == "duplicates"
+                    else f"cosine >= {body['family_min_cosine']:g}, not a duplicate")
+            print(f"{title} of {args.lora_id} ({rule}):")
             print(_table(rows, ["lora_id", "score", "cosine", "strength_ratio", "name"]) if rows else "(none)")
         return EXIT_OK
     view = service.watcher.state.behavior
@@ -130,7 +132,8 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
                  "strengths": f.strengths, "min_cosine": f.min_cosine} for f in rep.families]
     exact = [{"lora_id": lid, "copies": paths} for lid, paths in sorted(view.aliases.items())]
     if args.json:
-        print(json.dumps({"index_version": service.version(), "min_cosine": mc, "min_strength_ratio": mr, "pairs": pairs,
+        print(json.dumps({"index_version": service.version(), "min_cosine": mc, "min_strength_ratio": mr,
+                          "family_min_cosine": view.family_cosine(mc), "pairs": pairs,
                           "scale_families": families, "exact_duplicates": exact}, ensure_ascii=False))
         return EXIT_OK
     for e in exact:
