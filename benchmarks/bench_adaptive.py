@@ -151,10 +151,10 @@ def replay(full_index: str, cfg, bounds: dict, z: float) -> dict[str, dict]:
         for r in range(1, plan.rounds.n_rounds + 1):
             take = plan.rounds.order[: plan.rounds.used(r)]
             part = PartialStats.from_diffs(cube[take[:, 0], take[:, 1]], take[:, 0], n_p, take[:, 1])
-            errs = standard_errors(part, plan.independent_seeds)
+            errs = standard_errors(part, plan.independent_seeds, n_s)
             if rule.settled(errs, r) or r == plan.rounds.n_rounds:
                 break
-        sig = part.finalize()
+        sig = part.finalize(full_seeds=n_s)
         out[lid] = {**row, "direction": sig.direction.tolist(), "strength": sig.strength, "consistency": sig.consistency,
                     "n": sig.n, "n_rounds": r, **errs.as_row()}
     return out

@@ -122,6 +122,30 @@ class Signature:
     category_cross: np.ndarray  # (n_categories,) mean cosine over pairs (inside, outside)
 
 
+def pair_mix_consistency(g_sum, g_diag_sum, within_sum, n, m_sq_sum, n_prompts: int, full_seeds: int, plain):
+    """Consistency of a partial sample weighted to the full protocol's mix of pairs (arrays broadcast).
+
+    The full protocol's consistency is the mean cosine over all pairs of its |P|·S samples, a fraction
+    ``λ = (S − 1)/(|P|S − 1)`` of every sample's partners being the same prompt under another seed. Those
+    within-prompt pairs are far more alike than pairs of different prompts, and a prefix of the adaptive
+    order holds fewer of them (none during the first sweep), so its own all-pairs mean is biased low.
+    Here the within-prompt mean ``c_w = Σ_p(G_pp − m⁺_p) / Σ_p m_p(m_p − 1)`` and the cross-prompt mean
+    ``c_x = (1ᵀG1 − Σ_p G_pp) / (N² − Σ_p m_p²)`` are weighted ``(1 − λ) c_x + λ c_w``; where no prompt
+    has two samples yet (``c_w`` unknown) the sample's own mean (``plain``) is kept. On a complete
+    protocol (every m_p = S) it equals the plain mean."""
+    g_sum, g_diag_sum, within_sum, n, m_sq_sum = (np.asarray(v, dtype=np.float64) for v in (g_sum, g_diag_sum, within_sum, n, m_sq_sum))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        within_pairs = m_sq_sum - n
+        cross_pairs = n * n - m_sq_sum
+        lam = (full_seeds - 1) / (n_prompts * full_seeds - 1) if n_prompts * full_seeds > 1 else 0.0
+        c_w = within_sum / within_pairs
+        c_x = (g_sum - g_diag_sum) / cross_pairs
+        mixed = (1.0 - lam) * c_x + lam * c_w
+        ok = (within_pairs > 0) & (cross_pairs > 0)
+    out = np.where(ok, mixed, plain)
+    return float(out) if np.ndim(out) == 0 else out
+
+
 @dataclass(frozen=True, eq=False)
 class PartialStats:
     """Sufficient statistics of a set of diff vectors of one LoRA (all float64/int64).
@@ -420,11 +444,13 @@ class PartialStats:
             odd_count=_readonly(oc),
         )
 
-    def finalize(self, categories: Sequence[str] | None = None) -> Signature:
+    def finalize(self, categories: Sequence[str] | None = None, full_seeds: int | None = None) -> Signature:
         """Turn the sums into a :class:`Signature`.
 
         ``categories`` gives the category name of each prompt index (length ``n_prompts``);
-        without it the per-category fields are empty.
+        without it the per-category fields are empty. ``full_seeds`` (adaptive sampling): the seeds per
+        prompt of the full protocol this sample is a prefix of; consistency then estimates the full
+        protocol's value (:func:`pair_mix_consistency`) instead of the mean over this sample's own pairs.
         """
         n = self.count
         if n < 2:
@@ -452,6 +478,9 @@ class PartialStats:
         g_sum = float(total @ total)  # 1ᵀ G 1
         g_diag = np.einsum("pd,pd->p", s, s)  # G_pp
         consistency = (g_sum - n_nonzero) / (n * (n - 1))
+        if full_seeds is not None:
+            consistency = pair_mix_consistency(g_sum, float(g_diag.sum()), float((g_diag - m_nz).sum()), n,
+                                               float(m @ m), self.n_prompts, full_seeds, consistency)
         mean_norm = self.sum_norm / n
         strength_std = float(np.sqrt(self.norm_m2 / n))
 

@@ -279,3 +279,77 @@ def test_the_lora_endpoint_states_the_intervals_of_the_stored_errors(tmp_path):
     assert a["intervals"]["strength_half_width"] == pytest.approx(Z95 * 0.1)
     b = service.get("b")
     assert b["intervals"]["strength"] == "1" and b["intervals"]["strength_half_width"] is None
+
+
+# ---- the full protocol's pair mix ----------------------------------------------------------------------
+def _naive_pair_mix(x, p, n_prompts, full_seeds):
+    """(1 − λ)·mean cosine over pairs of different prompts + λ·mean over pairs of one prompt, by a pair loop."""
+    def cos(a, b):
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+    cross, within = [], []
+    for i in range(len(x)):
+        for j in range(len(x)):
+            if i != j:
+                (within if p[i] == p[j] else cross).append(cos(x[i], x[j]))
+    lam = (full_seeds - 1) / (n_prompts * full_seeds - 1)
+    return (1 - lam) * np.mean(cross) + lam * np.mean(within) if within else naive_pair_mean(x, lambda i, j: True)
+
+
+def test_pair_mix_consistency_equals_a_naive_loop_and_the_plain_mean_on_a_full_protocol():
+    from carlos_ray.uncertainty import consistency_leave_one_prompt_out
+
+    rng = np.random.default_rng(11)
+    n_prompts, s, d = 6, 3, 5
+    x = rng.normal(size=(n_prompts, s, d)) + rng.normal(size=(n_prompts, 1, d)) * 2 + 1.0
+    x[2, 1] = 0.0  # a zero diff: cosine 0 with everything
+    p_all = np.repeat(np.arange(n_prompts), s)
+    full = PartialStats.from_diffs(x.reshape(-1, d), p_all, n_prompts)
+    # on the complete protocol the pair mix is the plain all-pairs mean
+    assert full.finalize(full_seeds=s).consistency == pytest.approx(full.finalize().consistency, rel=1e-12)
+    # a prefix: every prompt once, two prompts twice (within pairs exist), one not at all
+    take = [(q, 0) for q in range(n_prompts - 1)] + [(0, 1), (2, 1), (2, 2)]
+    xs = np.array([x[q, j] for q, j in take])
+    ps = np.array([q for q, _ in take])
+    part = PartialStats.from_diffs(xs, ps, n_prompts, np.array([j for _, j in take]))
+    got = part.finalize(full_seeds=s).consistency
+    assert got == pytest.approx(_naive_pair_mix(xs, ps, n_prompts, s), rel=1e-10)
+    assert got != pytest.approx(part.finalize().consistency, rel=1e-6)  # it does differ from the sample's own mean
+    # one seed per prompt (no within pair yet): the sample's own mean
+    first = PartialStats.from_diffs(xs[:5], ps[:5], n_prompts)
+    assert first.finalize(full_seeds=s).consistency == pytest.approx(first.finalize().consistency, rel=1e-12)
+    # the jackknife's leave-one-prompt-out values are the pair mix of the rest, over |P| − 1 prompts
+    have, values = consistency_leave_one_prompt_out(part, full_seeds=s)
+    naive = [_naive_pair_mix(xs[ps != q], ps[ps != q], n_prompts - 1, s) for q in have]
+    np.testing.assert_allclose(values, naive, rtol=1e-10, atol=1e-12)
+    g = len(naive)
+    jack = math.sqrt((g - 1) / g * sum((v - np.mean(naive)) ** 2 for v in naive))
+    assert standard_errors(part, full_seeds=s).consistency_se == pytest.approx(jack, rel=1e-10)
+
+
+def test_pair_mix_intervals_cover_a_full_protocol_whose_seeds_are_alike():
+    """Prompts whose seeds agree far more than prompts do (as on the micro zoo): a prefix of the adaptive order
+    has fewer within-prompt pairs than the full protocol, so its own mean is biased low; the pair-mix estimate
+    is not, and its jackknife interval covers the full value >= 90% of the time."""
+    from carlos_ray.adaptive import sample_order
+
+    rng = np.random.default_rng(5)
+    n_prompts, n_seeds, d = 24, 8, 12
+    order = sample_order([f"c{i % 4}" for i in range(n_prompts)], n_seeds, seed=0)
+    err = {"pair mix": [], "own mean": []}
+    hits = 0
+    for _ in range(60):
+        mu = rng.normal(size=d) * 0.6
+        x = mu + rng.normal(size=(n_prompts, 1, d)) + rng.normal(size=(n_prompts, n_seeds, d)) * 0.35
+        full = PartialStats.from_diffs(x.reshape(-1, d), np.repeat(np.arange(n_prompts), n_seeds), n_prompts).finalize()
+        for n in (30, 36, 48):
+            take = order[:n]
+            part = PartialStats.from_diffs(x[take[:, 0], take[:, 1]], take[:, 0], n_prompts, take[:, 1])
+            mix = part.finalize(full_seeds=n_seeds).consistency
+            hits += abs(mix - full.consistency) <= Z95 * standard_errors(part, full_seeds=n_seeds).consistency_se
+            err["pair mix"].append(full.consistency - mix)
+            err["own mean"].append(full.consistency - part.finalize().consistency)
+    assert hits / len(err["pair mix"]) >= 0.9, hits
+    own_bias, mix_bias = np.mean(err["own mean"]), np.mean(err["pair mix"])
+    assert own_bias > 0 and abs(mix_bias) < own_bias / 2, (own_bias, mix_bias)

@@ -214,7 +214,9 @@ class LoraPass:
             self.carries[lid] = None
             logger.info("[%d/%d] rejected %s: %s", position, len(self.todo), job.name, reject[1])
         else:
-            errs = standard_errors(total, self.plan.independent_seeds)
+            # adaptive: consistency estimates the full protocol's (its pair mix), whatever prefix of it was sampled
+            full_seeds = len(self.plan.seeds) if rounds is not None else None
+            errs = standard_errors(total, self.plan.independent_seeds, full_seeds)
             if rounds is not None and not last and not rounds.rule.settled(errs, carry.rounds_done):
                 self.pending["partials"].append(rounds.row(lid, carry))
                 self.carries[lid] = carry
@@ -222,7 +224,7 @@ class LoraPass:
                             "se %.3g: not settled", position, len(self.todo), job.name, carry.rounds_done, total.count,
                             errs.direction_rse, errs.strength_rse, errs.consistency_se)
             else:
-                sig = total.finalize(self.plan.categories)
+                sig = total.finalize(self.plan.categories, full_seeds)
                 self.pending["signatures"].append(signature_row(job, sig, self.plan, errs, carry.rounds_done))
                 self.carries[lid] = None
                 self.summary.indexed += 1
