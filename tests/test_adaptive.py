@@ -13,6 +13,7 @@ from carlos_ray.adaptive import RoundPlan, round_size, sample_order
 from carlos_ray.config import Config, ConfigError
 from carlos_ray.store import Index
 from tests.test_signatures import naive_pair_mean
+from tests.test_uncertainty import _naive_pair_mix
 
 
 # ---- schedule and config ---------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def _all_diffs(cfg, jobs, plan) -> dict[str, np.ndarray]:
 
 
 def _numpy_errors(x: np.ndarray, prompts: np.ndarray, seeds: np.ndarray, n_prompts: int,
-                  independent: bool = True) -> tuple[float, float, float]:
+                  independent: bool = True, full_seeds: int | None = None) -> tuple[float, float, float]:
     """(direction rse, strength rse, consistency se) straight from the diffs, with a loop per prompt: population
     errors (consistency: a naive delete-one-prompt jackknife) until every prompt has a sample and at least 3 have
     both an even and an odd seed; then, if no two prompts share a seed (`independent`), seed errors from the two
@@ -96,7 +97,10 @@ def _numpy_errors(x: np.ndarray, prompts: np.ndarray, seeds: np.ndarray, n_promp
         s_rse = math.sqrt(s_var) / norms.mean() if norms.mean() > 0 else 0.0
         return d_rse, s_rse, math.sqrt(c_var)
     s_rse = np.std(norms, ddof=1) / math.sqrt(n) / norms.mean() if norms.mean() > 0 else 0.0
-    loo = [naive_pair_mean(x[prompts != p], lambda i, j: True) for p in np.unique(prompts)]
+    if full_seeds is None:
+        loo = [naive_pair_mean(x[prompts != p], lambda i, j: True) for p in np.unique(prompts)]
+    else:  # the jackknife of the full protocol's pair mix, over the protocol without the prompt
+        loo = [_naive_pair_mix(x[prompts != p], prompts[prompts != p], n_prompts - 1, full_seeds) for p in np.unique(prompts)]
     g = len(loo)
     c_se = math.sqrt((g - 1) / g * sum((v - np.mean(loo)) ** 2 for v in loo))
     return d_rse, s_rse, c_se
@@ -123,14 +127,16 @@ def test_adaptive_signatures_are_the_statistics_of_the_samples_their_rounds_took
         for r in range(1, k + 1):
             take = rounds.order[: rounds.used(r)]
             x = diffs[lid][take[:, 0], take[:, 1]]
-            d_rse, s_rse, c_se = _numpy_errors(x, take[:, 0], take[:, 1], len(plan.prompts), plan.independent_seeds)
+            d_rse, s_rse, c_se = _numpy_errors(x, take[:, 0], take[:, 1], len(plan.prompts), plan.independent_seeds,
+                                               len(plan.seeds))
             settled = len(x) >= a.min_samples and d_rse <= a.max_direction_rse and s_rse <= a.max_strength_rse \
                 and c_se <= a.max_consistency_se
             assert settled == (r == k) or (r == k == rounds.n_rounds and not settled), (row["name"], r, k)
         np.testing.assert_allclose(row["direction"], x.mean(axis=0), atol=1e-5)
         norms = np.linalg.norm(x, axis=1)
         assert row["strength"] == pytest.approx(norms.mean(), abs=1e-5)
-        pairs = naive_pair_mean(x, lambda i, j: True)
+        # the full protocol's pair mix (within- and cross-prompt means weighted as the full protocol weighs them)
+        pairs = _naive_pair_mix(x, take[:, 0], len(plan.prompts), len(plan.seeds))
         assert row["consistency"] == pytest.approx(pairs, abs=1e-5)
         assert row["strength_se"] == pytest.approx(s_rse * norms.mean(), rel=1e-4, abs=1e-6)
         assert row["consistency_se"] == pytest.approx(c_se, abs=1e-5)
