@@ -102,7 +102,8 @@ def consistency_leave_one_prompt_out(p: PartialStats, full_seeds: int | None = N
     s = p.prompt_unit_sum[have]
     total = p.prompt_unit_sum.sum(axis=0)
     g_sum = float(total @ total)
-    g_rest = g_sum - 2.0 * (s @ total) + np.einsum("pd,pd->p", s, s)
+    diag = np.einsum("pd,pd->p", p.prompt_unit_sum, p.prompt_unit_sum)  # G_pp
+    g_rest = g_sum - 2.0 * (s @ total) + diag[have]
     n_rest = p.count - m[have]
     nz_rest = p.n_nonzero - p.prompt_nonzero[have].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -110,7 +111,6 @@ def consistency_leave_one_prompt_out(p: PartialStats, full_seeds: int | None = N
     if full_seeds is not None:
         from carlos_ray.signatures import pair_mix_consistency
 
-        diag = np.einsum("pd,pd->p", p.prompt_unit_sum, p.prompt_unit_sum)
         within = diag - p.prompt_nonzero.astype(np.float64)
         values = np.where(n_rest >= 2, pair_mix_consistency(
             g_rest, diag.sum() - diag[have], within.sum() - within[have], n_rest, float(m @ m) - m[have] ** 2,

@@ -15,7 +15,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -158,7 +158,11 @@ def _directions(table: pa.Table) -> np.ndarray:
     return flat.reshape(table.num_rows, -1)
 
 
-def behavior_settings(manifest: Any) -> Any:
+if TYPE_CHECKING:
+    from carlos_ray.config import BehaviorSpec
+
+
+def behavior_settings(manifest: Any) -> "BehaviorSpec":
     """The index's :class:`~carlos_ray.config.BehaviorSpec` (its profile's, from the manifest; else the defaults)."""
     from carlos_ray.config import BehaviorSpec
 
