@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from carlos_ray.behavior.duplicates import NAME_STEM_DEFINITION, behavioural_duplicates, name_stem  # noqa: E402
+from carlos_ray.behavior.duplicates import NAME_STEM_DEFINITION, DuplicateCriteria, behavioural_duplicates, name_stem  # noqa: E402
 from carlos_ray.behavior.groups import group_directions  # noqa: E402
 from carlos_ray.behavior.tags import CALIBRATIONS, assign_tags, tag_statistics  # noqa: E402
 from carlos_ray.ranker import PAPER_MAX_STRENGTH, PAPER_MIN_CONSISTENCY  # noqa: E402
@@ -131,7 +131,7 @@ def part_synthetic(n: int, naive_n: int, seed: int) -> dict:
     out["grouping"] = {"seconds": dt, "peak_mb": mb, "groups": g.n_groups, "ari": ari, "method": g.method,
                        "silhouette": g.silhouette}
 
-    rep, dt, mb = measured(behavioural_duplicates, x, strength, min_cosine=0.95, min_strength_ratio=0.8)
+    rep, dt, mb = measured(behavioural_duplicates, x, strength, DuplicateCriteria(0.95, 0.8))
     found = {(p.a, p.b) for p in rep.pairs}
     recall = len(found & dup_pairs) / len(dup_pairs)
     fam_found = sum(any(set(f.tolist()) <= set(fam.members) for fam in rep.families) for f in fam_rows)
@@ -142,7 +142,7 @@ def part_synthetic(n: int, naive_n: int, seed: int) -> dict:
 
     m = min(naive_n, n)
     sub = np.arange(m)
-    (blocked, dtb, mbb) = measured(behavioural_duplicates, x[sub], strength[sub], min_cosine=0.95, min_strength_ratio=0.8)
+    (blocked, dtb, mbb) = measured(behavioural_duplicates, x[sub], strength[sub], DuplicateCriteria(0.95, 0.8))
     naive, dtn, mbn = measured(naive_duplicates, x[sub], strength[sub], 0.95, 0.8)
     same = {(p.a, p.b) for p in blocked.pairs} == naive
     rows.append((f"duplicates {m:,}: blocked", dtb, mbb, f"same pairs as full matrix: {same}"))
@@ -168,7 +168,7 @@ def part_real(top: int, min_cosine: float, min_ratio: float) -> dict:
     inside = (s <= PAPER_MAX_STRENGTH) & (c >= PAPER_MIN_CONSISTENCY)
     out: dict = {"n": len(names), "min_cosine": min_cosine, "min_strength_ratio": min_ratio}
 
-    rep = behavioural_duplicates(x, s, min_cosine=min_cosine, min_strength_ratio=min_ratio)
+    rep = behavioural_duplicates(x, s, DuplicateCriteria(min_cosine, min_ratio))
     identical = [p for p in rep.pairs if np.array_equal(x[p.a], x[p.b])]
     print(f"\n## Real: {len(names)} published SDXL signatures (carlos==0.0.3)\n")
     print(f"Behavioural duplicates (cosine >= {min_cosine}, strength ratio >= {min_ratio}): {len(rep.pairs)} pairs, "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from carlos_ray.behavior.duplicates import behavioural_duplicates, duplicates_of, exact_duplicates
+from carlos_ray.behavior.duplicates import DuplicateCriteria, behavioural_duplicates, duplicates_of, exact_duplicates
 from carlos_ray.behavior.groups import _cuts, group_directions, shared_tags
 from carlos_ray.behavior.tags import TagVocabulary, assign_tags, tag_statistics, tag_vectors
 
@@ -44,7 +44,7 @@ def _planted_signatures(seed: int = 0):
 
 def test_behavioural_duplicates_match_naive_pair_loop():
     x, s = _planted_signatures()
-    rep = behavioural_duplicates(x, s, min_cosine=0.95, min_strength_ratio=0.8, block_rows=7)
+    rep = behavioural_duplicates(x, s, DuplicateCriteria(0.95, 0.8), block_rows=7)
     expected = {}
     for a, b in itertools.combinations(range(len(x)), 2):
         c = _cos(x[a], x[b])
@@ -72,7 +72,7 @@ def test_duplicates_of_one_row_matches_naive_loop():
     x[50:54] += 0.3 * np.random.default_rng(9).standard_normal((4, x.shape[1])) * np.linalg.norm(x[50:54], axis=1, keepdims=True) / np.sqrt(x.shape[1])
     for fam_cos in (0.95, 0.85, None):
         for row in (0, 4, 51):
-            dups, rel = duplicates_of(row, x, s, min_cosine=0.95, min_strength_ratio=0.8, family_min_cosine=fam_cos)
+            dups, rel = duplicates_of(row, x, s, DuplicateCriteria(0.95, 0.8, fam_cos))
             exp_d, exp_r = set(), set()
             for b in range(len(x)):
                 if b == row:
@@ -107,9 +107,8 @@ def test_duplicates_cap_zero_and_excluded_rows():
 @pytest.mark.parametrize("kw", [{"min_cosine": 0}, {"min_cosine": 1.5}, {"min_strength_ratio": -0.1},
                                 {"min_strength_ratio": float("nan")}, {"min_cosine": True}])
 def test_duplicate_thresholds_are_checked(kw):
-    x, s = _planted_signatures()
     with pytest.raises(ValueError, match=next(iter(kw))):
-        behavioural_duplicates(x, s, **kw)
+        DuplicateCriteria(**kw)
 
 
 def test_exact_duplicates_list_every_copy_once():

@@ -113,6 +113,34 @@ def check_thresholds(min_cosine: float, min_strength_ratio: float, family_min_co
         raise ValueError(f"min_strength_ratio must be a number in (0, 1] (smaller over larger strength), got {v!r}")
 
 
+@dataclass(frozen=True)
+class DuplicateCriteria:
+    """What makes two LoRAs behavioural duplicates (cosine >= ``min_cosine`` and strength ratio >=
+    ``min_strength_ratio``) and what makes them parallel, one scale family (cosine >= ``family_min_cosine``;
+    ``None``: ``min_cosine``). Checked on construction: a bad value raises ValueError naming it."""
+
+    min_cosine: float = 0.95
+    min_strength_ratio: float = 0.8
+    family_min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        check_thresholds(self.min_cosine, self.min_strength_ratio, self.family_min_cosine)
+
+    @property
+    def family(self) -> float:
+        """The cosine that makes two LoRAs parallel."""
+        return float(self.min_cosine if self.family_min_cosine is None else self.family_min_cosine)
+
+    @property
+    def scan(self) -> float:
+        """The smallest cosine either test needs: the candidate pairs' floor."""
+        return min(float(self.min_cosine), self.family)
+
+    def settings(self) -> dict:
+        return {"min_cosine": float(self.min_cosine), "min_strength_ratio": float(self.min_strength_ratio),
+                "family_min_cosine": self.family}
+
+
 def parallel_pairs(
     unit: np.ndarray, min_cosine: float, *, max_neighbors: int = 64, block_rows: int = 256
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -183,30 +211,21 @@ def strength_ratio(sa: np.ndarray, sb: np.ndarray) -> np.ndarray:
 
 
 def behavioural_duplicates(
-    directions: np.ndarray,
-    strengths: np.ndarray,
-    *,
-    min_cosine: float = 0.95,
-    min_strength_ratio: float = 0.8,
-    family_min_cosine: float | None = None,
-    include: np.ndarray | None = None,
-    max_neighbors: int = 64,
-    block_rows: int = 256,
+    directions: np.ndarray, strengths: np.ndarray, criteria: DuplicateCriteria = DuplicateCriteria(), *,
+    include: np.ndarray | None = None, max_neighbors: int = 64, block_rows: int = 256,
 ) -> DuplicateReport:
-    """Behavioural duplicate pairs and scale families among the rows of ``directions`` (N, d).
+    """Behavioural duplicate pairs and scale families among the rows of ``directions`` (N, d), by ``criteria``.
 
     ``include`` (bool, N) restricts the scan (e.g. to LoRAs inside the index thresholds); zero or
-    non-finite directions never pair. ``family_min_cosine`` (``None``: ``min_cosine``) is the
-    cosine that makes two LoRAs "parallel" for scale families."""
-    check_thresholds(min_cosine, min_strength_ratio, family_min_cosine)
-    fam_cos = min_cosine if family_min_cosine is None else float(family_min_cosine)
+    non-finite directions never pair."""
+    min_cosine, min_strength_ratio, fam_cos = criteria.min_cosine, criteria.min_strength_ratio, criteria.family
     directions = np.asarray(directions)
     strengths = np.asarray(strengths, dtype=np.float64)
     if directions.ndim != 2 or strengths.shape != (directions.shape[0],):
         raise ValueError(f"directions must be (N, d) and strengths (N,); got {directions.shape} and {strengths.shape}")
     unit, valid = included_unit_rows(directions, include)
     unit[~valid] = 0.0
-    scan = min(min_cosine, fam_cos)
+    scan = criteria.scan
     i, j, _, capped = parallel_pairs(unit, scan, max_neighbors=max_neighbors, block_rows=block_rows)
     cos = _exact_cosines(directions, i, j)
     keep = cos >= scan
@@ -220,8 +239,7 @@ def behavioural_duplicates(
 
     par = cos >= fam_cos
     families = _families(i[par], j[par], cos[par], strengths, min_strength_ratio)
-    settings = {"min_cosine": float(min_cosine), "min_strength_ratio": float(min_strength_ratio),
-                "family_min_cosine": fam_cos, "max_neighbors": int(max_neighbors)}
+    settings = {**criteria.settings(), "max_neighbors": int(max_neighbors)}
     return DuplicateReport(pairs, families, parallel_pairs=int(par.sum()), capped_rows=capped, settings=settings)
 
 
@@ -249,24 +267,15 @@ def _families(i: np.ndarray, j: np.ndarray, cos: np.ndarray, strengths: np.ndarr
 
 
 def duplicates_of(
-    row: int,
-    directions: np.ndarray,
-    strengths: np.ndarray,
-    *,
-    min_cosine: float = 0.95,
-    min_strength_ratio: float = 0.8,
-    family_min_cosine: float | None = None,
-    include: np.ndarray | None = None,
-    unit: np.ndarray | None = None,
+    row: int, directions: np.ndarray, strengths: np.ndarray, criteria: DuplicateCriteria = DuplicateCriteria(), *,
+    include: np.ndarray | None = None, unit: np.ndarray | None = None,
 ) -> tuple[list[DuplicatePair], list[DuplicatePair]]:
-    """(duplicates, scale relatives) of one row: other rows with ``cosine >= min_cosine`` and a similar
-    strength, and the other rows parallel to it at ``cosine >= family_min_cosine`` (``None``: ``min_cosine``):
+    """(duplicates, scale relatives) of one row, by ``criteria``: other rows with ``cosine >= min_cosine`` and a
+    similar strength, and the other rows parallel to it at ``cosine >= family_min_cosine``:
     the same effect at another strength, or a looser variant of it (its scale family's neighbours).
 
     ``unit`` may pass precomputed unit directions (e.g. the ranker's matrix) to skip normalizing."""
-    check_thresholds(min_cosine, min_strength_ratio, family_min_cosine)
-    fam_cos = min_cosine if family_min_cosine is None else float(family_min_cosine)
-    scan = min(min_cosine, fam_cos)
+    min_cosine, min_strength_ratio, fam_cos, scan = criteria.min_cosine, criteria.min_strength_ratio, criteria.family, criteria.scan
     directions = np.asarray(directions)
     strengths = np.asarray(strengths, dtype=np.float64)
     n = directions.shape[0]

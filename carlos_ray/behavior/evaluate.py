@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from carlos_ray.behavior.duplicates import behavioural_duplicates
+from carlos_ray.behavior.duplicates import DuplicateCriteria, behavioural_duplicates
 from carlos_ray.behavior.groups import group_directions
 from carlos_ray.behavior.tags import CALIBRATIONS, assign_tags
 
@@ -70,8 +70,7 @@ def evaluate(
     labels = np.where(grouped, labels, -1 - np.arange(labels.size))
     out["groups"] = {"n_groups": g.n_groups, "ari": float(adjusted_rand_score(planted, labels)), "method": g.method,
                      "ungrouped_behaviour_loras": int((~grouped).sum())}
-    rep = behavioural_duplicates(directions, strengths, min_cosine=min_cosine, min_strength_ratio=min_strength_ratio,
-                                 family_min_cosine=family_min_cosine)
+    rep = behavioural_duplicates(directions, strengths, DuplicateCriteria(min_cosine, min_strength_ratio, family_min_cosine))
     found = {frozenset((ids[p.a], ids[p.b])) for p in rep.pairs}
     planted_pairs = {frozenset(p) for p in truth.near_duplicates}
     wrong = [tuple(sorted(p)) for p in found if len({truth.behaviour.get(x) for x in p} - {None}) > 1]

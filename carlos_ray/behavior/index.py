@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from carlos_ray.behavior.duplicates import DuplicateReport, behavioural_duplicates, duplicates_of
+from carlos_ray.behavior.duplicates import DuplicateCriteria, DuplicateReport, behavioural_duplicates, duplicates_of
 from carlos_ray.behavior.groups import Grouping, group_directions, shared_tags
 from carlos_ray.behavior.tags import (
     DEFAULT_CALIBRATION,
@@ -280,9 +280,7 @@ class BehaviorView:
                    min_strength_ratio: float = DEFAULT_MIN_STRENGTH_RATIO) -> tuple[list, list]:
         """(behavioural duplicates, scale relatives) of one LoRA as (other lora_id, pair) lists."""
         row = self.pos[lora_id]
-        dups, rel = duplicates_of(row, self.unit, self.strength, min_cosine=min_cosine,
-                                  min_strength_ratio=min_strength_ratio, unit=self.unit,
-                                  family_min_cosine=self.family_cosine(min_cosine))
+        dups, rel = duplicates_of(row, self.unit, self.strength, self.criteria(min_cosine, min_strength_ratio), unit=self.unit)
 
         def other(p):
             return self.ids[p.b if p.a == row else p.a]
@@ -291,8 +289,11 @@ class BehaviorView:
 
     def all_duplicates(self, min_cosine: float = DEFAULT_MIN_COSINE,
                        min_strength_ratio: float = DEFAULT_MIN_STRENGTH_RATIO) -> DuplicateReport:
-        return behavioural_duplicates(self.unit, self.strength, min_cosine=min_cosine, min_strength_ratio=min_strength_ratio,
-                                      family_min_cosine=self.family_cosine(min_cosine))
+        return behavioural_duplicates(self.unit, self.strength, self.criteria(min_cosine, min_strength_ratio))
+
+    def criteria(self, min_cosine: float, min_strength_ratio: float) -> DuplicateCriteria:
+        """A request's duplicate thresholds with this index's scale-family cosine."""
+        return DuplicateCriteria(min_cosine, min_strength_ratio, self.family_cosine(min_cosine))
 
     def family_cosine(self, min_cosine: float) -> float:
         """The cosine that makes two LoRAs one scale family: the profile's, or a request's looser duplicate cosine."""

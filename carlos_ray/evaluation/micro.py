@@ -140,23 +140,25 @@ def phrasings(behaviour: str, rng: np.random.Generator) -> list[tuple[str, str]]
     target = CONTENT_BEHAVIOURS[name]
     if "shape" in target:
         words = C.SHAPE_WORDS[target["shape"]]
-        out += [("short", words[0])] + [("synonym", w) for w in words[1:]]
-        out += [("long", f"turn every shape into {_article(words[0])}"), ("long", f"everything becomes {_article(words[-1])}"),
-                ("long", f"{words[0]}s instead of objects")]
-        for _ in range(2):
-            c = colours[int(rng.integers(len(colours)))]
-            out.append(("content", _article(f"{C.COLOUR_WORDS[c][0]} {words[0]}")))
+        longs = (f"turn every shape into {_article(words[0])}", f"everything becomes {_article(words[-1])}",
+                 f"{words[0]}s instead of objects")
+
+        def colour_and_shape() -> tuple[str, str]:
+            return C.COLOUR_WORDS[colours[int(rng.integers(len(colours)))]][0], words[0]
     elif "colour" in target:
         words = C.COLOUR_WORDS[target["colour"]]
-        out += [("short", words[0])] + [("synonym", w) for w in words[1:]]
-        out += [("long", f"make everything {words[0]}"), ("long", f"every object turns {words[-1]}"),
-                ("long", f"paint all shapes {words[0]}")]
-        for _ in range(2):
-            s = shapes[int(rng.integers(len(shapes)))]
-            out.append(("content", _article(f"{words[0]} {C.SHAPE_WORDS[s][0]}")))
+        longs = (f"make everything {words[0]}", f"every object turns {words[-1]}", f"paint all shapes {words[0]}")
+
+        def colour_and_shape() -> tuple[str, str]:
+            return words[0], C.SHAPE_WORDS[shapes[int(rng.integers(len(shapes)))]][0]
     elif "size" in target:
         words = C.SIZE_WORDS[target["size"]]
-        out += [("short", words[0])] + [("synonym", w) for w in words[1:]] + [("long", "make every object tiny")]
+        return out + [("short", words[0])] + [("synonym", w) for w in words[1:]] + [("long", "make every object tiny")]
+    else:
+        return out
+    out += [("short", words[0])] + [("synonym", w) for w in words[1:]] + [("long", t) for t in longs]
+    # a content query names the planted word with a random other attribute ("a red cross", "a yellow star")
+    out += [("content", _article("{} {}".format(*colour_and_shape()))) for _ in range(2)]
     return out
 
 

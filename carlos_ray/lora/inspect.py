@@ -18,33 +18,13 @@ from carlos_ray.lora.compat import check_compatible, match_modules, targets_from
 from carlos_ray.lora.discover import discover_loras
 from carlos_ray.lora.info import LoraInfo
 from carlos_ray.lora.formats import (
-    COMPONENTS,
-    FormatError,
-    LoraModule,
-    adapter_metadata,
-    build_module,
-    check_scalar,
-    format_names,
-    group_tensors,
-    kohya_to_dotted,
-    layouts_of,
+    COMPONENTS, FormatError, LoraModule, adapter_metadata, build_module, check_scalar, format_names, group_tensors,
+    kohya_to_dotted, layouts_of,
 )
 from carlos_ray.lora.header import (
-    CHUNK_BYTES,
-    DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_MAX_METADATA_BYTES,
-    PICKLE_EXTENSIONS,
-    REJECT_CODES,
-    LoraRejected,
-    TensorEntry,
-    first_nonfinite,
-    open_regular,
-    parse_header,
-    pickle_extension_reject,
-    read_metadata,
-    read_scalar,
-    resolve_path,
-    sha256_of,
+    CHUNK_BYTES, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_METADATA_BYTES, PICKLE_EXTENSIONS, REJECT_CODES,
+    LoraRejected, TensorEntry, first_nonfinite, open_regular, parse_header, pickle_extension_reject, read_metadata,
+    read_scalar, resolve_path, sha256_of,
 )
 
 __all__ = [
