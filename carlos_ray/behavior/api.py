@@ -7,12 +7,12 @@ of the index version it serves; the CLI prints the same dicts.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from carlos_ray.behavior.duplicates import DuplicateCriteria
 from carlos_ray.behavior.index import DEFAULT_MIN_COSINE, DEFAULT_MIN_STRENGTH_RATIO, BehaviorView
 
 TAGS_NOT_COMPUTED = ("this index has no tags yet; compute them once with `carlos-ray tags --index INDEX` "
@@ -97,18 +97,14 @@ def _service_error(status: int, error: str, detail: str) -> Exception:
 
 
 def check_duplicate_thresholds(min_cosine: Any, min_strength_ratio: Any) -> tuple[float, float]:
-    """Defaults for None; otherwise numbers in (0, 1], or ServiceError 422 naming the parameter."""
-    out = []
-    for name, value, default in (("min_cosine", min_cosine, DEFAULT_MIN_COSINE),
-                                 ("min_strength_ratio", min_strength_ratio, DEFAULT_MIN_STRENGTH_RATIO)):
-        if value is None:
-            out.append(default)
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or math.isnan(float(value)) \
-                or not 0.0 < float(value) <= 1.0:
-            raise _service_error(422, "invalid_threshold", f"{name} must be a number in (0, 1], got {value!r}")
-        out.append(float(value))
-    return out[0], out[1]
+    """Defaults for None; otherwise numbers in (0, 1] (:class:`DuplicateCriteria`'s check), or ServiceError 422 naming
+    the parameter."""
+    try:
+        c = DuplicateCriteria(DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
+                              DEFAULT_MIN_STRENGTH_RATIO if min_strength_ratio is None else min_strength_ratio)
+    except ValueError as e:
+        raise _service_error(422, "invalid_threshold", str(e)) from None
+    return float(c.min_cosine), float(c.min_strength_ratio)
 
 
 def check_positive(name: str, value: Any, high: int) -> int:

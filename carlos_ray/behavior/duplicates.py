@@ -101,18 +101,6 @@ def exact_duplicates(records: Iterable[tuple[str, str]]) -> list[ExactDuplicate]
     return [ExactDuplicate(sha, paths[0], paths[1:]) for sha, paths in by_hash.items() if len(paths) > 1]
 
 
-def check_thresholds(min_cosine: float, min_strength_ratio: float, family_min_cosine: float | None = None) -> None:
-    """Raise ValueError naming the bad value unless 0 < cosines <= 1 and 0 < ratio <= 1."""
-    for name, v in (("min_cosine", min_cosine), ("family_min_cosine", family_min_cosine)):
-        if v is None and name == "family_min_cosine":
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not (0.0 < float(v) <= 1.0):
-            raise ValueError(f"{name} must be a number in (0, 1], got {v!r}")
-    v = min_strength_ratio
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not (0.0 < float(v) <= 1.0):
-        raise ValueError(f"min_strength_ratio must be a number in (0, 1] (smaller over larger strength), got {v!r}")
-
-
 @dataclass(frozen=True)
 class DuplicateCriteria:
     """What makes two LoRAs behavioural duplicates (cosine >= ``min_cosine`` and strength ratio >=
@@ -124,7 +112,13 @@ class DuplicateCriteria:
     family_min_cosine: float | None = None
 
     def __post_init__(self) -> None:
-        check_thresholds(self.min_cosine, self.min_strength_ratio, self.family_min_cosine)
+        for name, v in (("min_cosine", self.min_cosine), ("min_strength_ratio", self.min_strength_ratio),
+                        ("family_min_cosine", self.family_min_cosine)):
+            if v is None and name == "family_min_cosine":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0.0 < float(v) <= 1.0:
+                what = " (smaller over larger strength)" if name == "min_strength_ratio" else ""
+                raise ValueError(f"{name} must be a number in (0, 1]{what}, got {v!r}")
 
     @property
     def family(self) -> float:
